@@ -1,0 +1,68 @@
+"""Typed errors of mmea_calc.
+
+Every error raised on purpose by this package derives from :class:`MmeaCalcError` and also from
+the builtin that best describes it, so ``except KeyError`` or ``except ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterExistsError",
+    "AdapterFormatError",
+    "AdapterNotFoundError",
+    "BaseModelError",
+    "BaseModelMismatchError",
+    "DataError",
+    "InvalidStructureError",
+    "MmeaCalcError",
+    "NoCandidateAdapterError",
+    "TargetError",
+    "UnsupportedElementError",
+]
+
+
+class MmeaCalcError(Exception):
+    """Base class of every error raised by mmea_calc."""
+
+
+class AdapterNotFoundError(MmeaCalcError, KeyError):
+    """An adapter name that is not loaded (the message lists the valid names)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterExistsError(MmeaCalcError, ValueError):
+    """An adapter of that name is already loaded."""
+
+
+class AdapterFormatError(MmeaCalcError, ValueError):
+    """An adapter directory is missing, corrupt, of an unknown version or of the wrong shape."""
+
+
+class BaseModelError(MmeaCalcError, ValueError):
+    """A base model cannot be loaded or is not a MACE model this package can adapt."""
+
+
+class BaseModelMismatchError(MmeaCalcError, ValueError):
+    """An adapter was made for a different base model (fingerprints differ)."""
+
+
+class TargetError(MmeaCalcError, ValueError):
+    """A target pattern matched no adaptable module, or a module cannot be adapted."""
+
+
+class UnsupportedElementError(MmeaCalcError, ValueError):
+    """A structure holds elements the base model does not know."""
+
+
+class InvalidStructureError(MmeaCalcError, ValueError):
+    """A structure cannot be evaluated (empty, NaN positions, zero-volume cell, ...)."""
+
+
+class NoCandidateAdapterError(MmeaCalcError, LookupError):
+    """Automatic selection found no adapter whose elements cover the structure."""
+
+
+class DataError(MmeaCalcError, ValueError):
+    """A dataset is empty, unreadable or lacks a requested key."""

@@ -1,0 +1,154 @@
+"""Tiny MACE builders and assertion helpers, for our tests and for projects building on us.
+
+Everything here is seeded and built in-process: no downloads, no files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ase
+import numpy as np
+import torch
+from mace import modules
+from mace.tools import torch_tools
+
+from mmea_calc._deps import o3
+from mmea_calc.data import atoms_to_graph, collate
+
+__all__ = [
+    "build_tiny_mace",
+    "evaluate",
+    "random_cluster",
+    "random_rotation",
+    "randomize_adapter",
+]
+
+
+def build_tiny_mace(
+    hidden_irreps: str = "8x0e+8x1o",
+    *,
+    residual: bool = True,
+    scale_shift: bool = True,
+    atomic_numbers: Sequence[int] = (1, 6, 8),
+    r_max: float = 4.0,
+    num_interactions: int = 2,
+    dtype: str | torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A small, randomly initialised (seeded) MACE or ScaleShiftMACE.
+
+    Example:
+        >>> model = build_tiny_mace("4x0e", residual=False, scale_shift=False)
+        >>> type(model).__name__, str(model.products[0].linear.irreps_out)
+        ('MACE', '4x0e')
+    """
+    torch.manual_seed(seed)
+    blocks = modules.interaction_classes
+    inter = blocks[
+        "RealAgnosticResidualInteractionBlock" if residual else "RealAgnosticInteractionBlock"
+    ]
+    rng = np.random.default_rng(seed)
+    kwargs: dict[str, Any] = dict(
+        r_max=r_max,
+        num_bessel=6,
+        num_polynomial_cutoff=5,
+        max_ell=2,
+        interaction_cls=inter,
+        interaction_cls_first=inter,
+        num_interactions=num_interactions,
+        num_elements=len(atomic_numbers),
+        hidden_irreps=o3.Irreps(hidden_irreps),
+        MLP_irreps=o3.Irreps("8x0e"),
+        gate=torch.nn.functional.silu,
+        atomic_energies=rng.uniform(-5.0, -1.0, size=len(atomic_numbers)),
+        avg_num_neighbors=6.0,
+        atomic_numbers=list(atomic_numbers),
+        correlation=3,
+        radial_MLP=[16, 16],
+    )
+    # mace builds buffers (e.g. Clebsch-Gordan U matrices) in the default dtype: scope it.
+    with torch_tools.default_dtype(dtype if isinstance(dtype, torch.dtype) else str(dtype)):
+        if scale_shift:
+            model = modules.ScaleShiftMACE(atomic_inter_scale=1.3, atomic_inter_shift=0.1, **kwargs)
+        else:
+            model = modules.MACE(**kwargs)
+        # random non-trivial weights beyond the default init: products and readouts too
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "weights" in name and "symmetric" in name:
+                    param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def random_cluster(
+    n_atoms: int,
+    symbols: Sequence[str] = ("H", "C", "O"),
+    *,
+    density: float = 0.08,
+    min_distance: float = 0.9,
+    cell: float | None = None,
+    seed: int = 0,
+) -> ase.Atoms:
+    """Random atoms at a minimum separation: a cluster, or a periodic box with ``cell``."""
+    rng = np.random.default_rng(seed)
+    side = cell if cell is not None else (n_atoms / density) ** (1 / 3)
+    positions: list[np.ndarray] = []
+    while len(positions) < n_atoms:
+        trial = rng.uniform(0, side, size=3)
+        if cell is not None:
+            deltas = np.asarray(positions) - trial if positions else np.zeros((0, 3))
+            deltas -= side * np.round(deltas / side)
+        else:
+            deltas = np.asarray(positions) - trial if positions else np.zeros((0, 3))
+        if len(deltas) == 0 or np.linalg.norm(deltas, axis=1).min() > min_distance:
+            positions.append(trial)
+    numbers = rng.choice([ase.data.atomic_numbers[s] for s in symbols], size=n_atoms)
+    atoms = ase.Atoms(numbers=numbers, positions=np.asarray(positions))
+    if cell is not None:
+        atoms.set_cell([side, side, side])
+        atoms.set_pbc(True)
+    return atoms
+
+
+def random_rotation(seed: int = 0, inversion: bool = False) -> np.ndarray:
+    """A random 3x3 rotation (times -1 with ``inversion``), float64."""
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return -q if inversion else q
+
+
+def randomize_adapter(model: Any, name: str, std: float = 0.1, seed: int = 0) -> None:
+    """Fill every tensor of adapter ``name`` with N(0, std) values (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.adapter_parameters(name):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float64) * std
+            param.copy_(noise.to(param.dtype))
+
+
+def evaluate(
+    model: torch.nn.Module,
+    atoms_list: Sequence[ase.Atoms],
+    *,
+    adapters: Sequence[str | None] | None = None,
+    compute_stress: bool = False,
+    training: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Run a (MACE or Adapted) model on a batch of structures; returns the output dict.
+
+    With ``adapters`` (one name per structure, ``None`` = base), nodes are routed per structure.
+    """
+    from mmea_calc.base import base_info
+
+    base = getattr(model, "base_model", model)
+    info = getattr(model, "base_info", None) or base_info(base)
+    dtype = next(base.parameters()).dtype
+    data = collate([atoms_to_graph(a, info) for a in atoms_list], dtype=dtype)
+    if adapters is not None:
+        model.route(data, adapters)
+    return model(data, compute_stress=compute_stress, training=training)

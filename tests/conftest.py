@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*TorchScript type system.*")
+
+from mmea_calc.testing import build_tiny_mace  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SPICE_MODEL = SHARED / "assets" / "models" / "mace-spice-small.model"
+
+# (hidden irreps, residual, scale_shift): with and without l > 0, both interaction and model kinds
+MODEL_KINDS = {
+    "l1-residual-scaleshift": ("8x0e+8x1o", True, True),
+    "scalar-plain-mace": ("8x0e", False, False),
+}
+
+
+@pytest.fixture(params=sorted(MODEL_KINDS))
+def tiny_kind(request):
+    """(hidden irreps, residual, scale_shift) of one tiny model kind."""
+    return MODEL_KINDS[request.param]
+
+
+@pytest.fixture
+def tiny_base(tiny_kind):
+    hidden, residual, scale_shift = tiny_kind
+    return build_tiny_mace(hidden, residual=residual, scale_shift=scale_shift)
+
+
+@pytest.fixture
+def spice_model_path():
+    if not SPICE_MODEL.is_file():
+        pytest.skip(f"shared asset {SPICE_MODEL} is absent (only on the project's machines)")
+    return SPICE_MODEL

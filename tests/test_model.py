@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmea_calc import AdaptedModel, MMEAConfig
+from mmea_calc._deps import o3
+from mmea_calc.errors import AdapterExistsError, AdapterNotFoundError, TargetError
+from mmea_calc.testing import (
+    build_tiny_mace,
+    evaluate,
+    random_cluster,
+    random_rotation,
+    randomize_adapter,
+)
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+
+
+def periodic_box(seed=3):
+    return random_cluster(14, cell=6.5, seed=seed)
+
+
+def _outputs(model, atoms, stress=True):
+    out = evaluate(model, [atoms], compute_stress=stress)
+    res = {"energy": out["energy"].detach(), "forces": out["forces"].detach()}
+    if stress:
+        res["stress"] = out["stress"].detach()[0]
+    return res
+
+
+def test_fresh_adapter_reproduces_base_exactly(tiny_base):
+    model = AdaptedModel(tiny_base)
+    atoms = periodic_box()
+    with model.disable_adapters():
+        ref = _outputs(model, atoms)
+    model.add_adapter("fresh", MMEAConfig(rank=8))
+    got = _outputs(model, atoms)
+    for key in ref:
+        assert torch.allclose(got[key], ref[key], rtol=0, atol=1e-12), key
+    # and randomising the adapter really changes the answer (the comparison above can fail)
+    randomize_adapter(model, "fresh", std=0.1)
+    assert (_outputs(model, atoms)["energy"] - ref["energy"]).abs().item() > 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_randomised_adapter_is_e3_equivariant(tiny_kind, dtype):
+    hidden, residual, scale_shift = tiny_kind
+    model = AdaptedModel(
+        build_tiny_mace(hidden, residual=residual, scale_shift=scale_shift, dtype=dtype)
+    )
+    model.add_adapter("a", MMEAConfig(rank=8))
+    randomize_adapter(model, "a", std=0.1, seed=1)
+    atoms = periodic_box()
+    ref = _outputs(model, atoms)
+    tol = TOL[dtype]
+
+    def close(a, b):
+        scale = max(b.abs().max().item(), 1e-3)
+        return (a - b).abs().max().item() / scale <= tol
+
+    for seed, inversion in [(0, False), (1, False), (2, True)]:
+        q = random_rotation(seed, inversion=inversion)
+        moved = atoms.copy()
+        moved.set_positions(atoms.get_positions() @ q.T)
+        moved.set_cell(np.asarray(atoms.get_cell()) @ q.T)
+        got = _outputs(model, moved)
+        qt = torch.tensor(q, dtype=dtype)
+        assert close(got["energy"], ref["energy"])
+        assert close(got["forces"], ref["forces"] @ qt.T)
+        assert close(got["stress"], qt @ ref["stress"] @ qt.T)
+    shifted = atoms.copy()
+    shifted.translate([0.37, -1.2, 2.9])
+    got = _outputs(model, shifted)
+    assert close(got["energy"], ref["energy"]) and close(got["forces"], ref["forces"])
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    got = _outputs(model, atoms[perm])
+    assert close(got["energy"], ref["energy"])
+    assert close(got["forces"], ref["forces"][torch.as_tensor(perm)])
+    assert close(got["stress"], ref["stress"])
+
+
+def test_optimiser_step_changes_only_adapter_tensors(tiny_base):
+    model = AdaptedModel(tiny_base)
+    model.add_adapter("a", MMEAConfig(rank=4))
+    randomize_adapter(model, "a", std=0.1)
+    base_before = {
+        k: v.clone() for k, v in model.base_model.state_dict().items() if "mmea" not in k
+    }
+    adapter_before = {k: v.clone() for k, v in model.adapter_state_dict("a").items()}
+    opt = torch.optim.Adam(model.adapter_parameters("a"), lr=1e-2)
+    out = evaluate(model, [random_cluster(8, seed=5)], training=True)
+    loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum()
+    loss.backward()
+    opt.step()
+    after = model.base_model.state_dict()
+    for key, value in base_before.items():
+        assert torch.equal(after[key], value), f"base tensor {key} changed"
+    assert all(p.grad is None for n, p in model.base_model.named_parameters() if "mmea" not in n)
+    for key, value in model.adapter_state_dict("a").items():
+        assert not torch.equal(value, adapter_before[key]), f"adapter tensor {key} did not train"
+
+
+def _expected_count(model, rank):
+    total = 0
+    for _name, spec in model.adaptable_modules().items():
+        irreps_in, irreps_out = (o3.Irreps(s) for s in spec.split(" -> "))
+        n0 = irreps_in.count(o3.Irrep("0e"))
+        ng = sum(mul for mul, ir in irreps_out if ir.l > 0)
+        ns = irreps_out.count(o3.Irrep("0e"))
+        total += rank * (n0 + 1) + (rank + 1) * (ng + ns)
+    return total
+
+
+@pytest.mark.parametrize("rank", [1, 16])
+def test_parameter_count_matches_formula(tiny_base, rank):
+    model = AdaptedModel(tiny_base)
+    model.add_adapter("a", MMEAConfig(rank=rank))
+    assert model.num_trainable_parameters("a") == _expected_count(model, rank)
+    assert model.num_trainable_parameters("a") == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+
+
+def test_mixed_batch_equals_single_evaluations():
+    model = AdaptedModel(build_tiny_mace())
+    for i, name in enumerate(["a", "b"]):
+        model.add_adapter(name, MMEAConfig(rank=4))
+        randomize_adapter(model, name, std=0.1, seed=10 + i)
+    structures = [periodic_box(1), periodic_box(2), periodic_box(3)]
+    names = ["a", None, "b"]
+    mixed = evaluate(model, structures, adapters=names, compute_stress=True)
+    offset = 0
+    for atoms, name in zip(structures, names, strict=True):
+        model.set_adapter(name)
+        single = evaluate(model, [atoms], compute_stress=True)
+        n = len(atoms)
+        i = structures.index(atoms)
+        assert torch.allclose(mixed["energy"][i], single["energy"][0], rtol=0, atol=1e-10)
+        assert torch.allclose(mixed["forces"][offset : offset + n], single["forces"], atol=1e-10)
+        assert torch.allclose(mixed["stress"][i], single["stress"][0], atol=1e-10)
+        offset += n
+    # the three adapters really differ, so the comparison could fail
+    model.set_adapter("a")
+    other = evaluate(model, [structures[1]])
+    assert abs(other["energy"].item() - mixed["energy"][1].item()) > 1e-6
+
+
+def test_management_verbs_and_errors(tiny_base):
+    model = AdaptedModel(tiny_base)
+    keys_before = sorted(model.base_model.state_dict())
+    with pytest.raises(AdapterNotFoundError, match="loaded adapters: none"):
+        model.set_adapter("nope")
+    model.add_adapter("a", MMEAConfig(rank=2))
+    model.add_adapter("b", MMEAConfig(rank=2), set_active=False)
+    assert model.adapter_names == ["a", "b"] and model.active_adapter == "a"
+    with pytest.raises(AdapterNotFoundError, match=r"\['a', 'b'\]"):
+        model.set_adapter("c")
+    with pytest.raises(AdapterExistsError):
+        model.add_adapter("a")
+    with pytest.raises(ValueError, match="not valid"):
+        model.add_adapter("base")
+    model.set_adapter("b")
+    model.delete_adapter("b")
+    assert model.active_adapter is None and model.adapter_names == ["a"]
+    model.delete_adapter("a")
+    # with every adapter gone, the base module tree is exactly as loaded
+    assert sorted(model.base_model.state_dict()) == keys_before
+
+
+def test_target_patterns():
+    model = AdaptedModel(build_tiny_mace())
+    model.add_adapter("inter", MMEAConfig(rank=2, targets="interactions.*.linear"))
+    assert model.adapter_targets("inter") == ["interactions.0.linear", "interactions.1.linear"]
+    model.add_adapter("names", MMEAConfig(rank=2, targets=["node_embedding.linear", "linear_up"]))
+    assert model.adapter_targets("names") == [
+        "node_embedding.linear",
+        "interactions.0.linear_up",
+        "interactions.1.linear_up",
+    ]
+    with pytest.raises(TargetError, match="matches no adaptable"):
+        model.add_adapter("bad", MMEAConfig(targets=["conv_tp"]))
+    assert "bad" not in model.adapter_names
+
+
+def test_disable_adapters_gives_base():
+    model = AdaptedModel(build_tiny_mace())
+    atoms = random_cluster(9, seed=2)
+    ref = _outputs(model, atoms, stress=False)
+    model.add_adapter("a", MMEAConfig(rank=4))
+    randomize_adapter(model, "a")
+    with model.disable_adapters():
+        assert torch.equal(_outputs(model, atoms, stress=False)["forces"], ref["forces"])
+    assert not torch.equal(_outputs(model, atoms, stress=False)["forces"], ref["forces"])
+
+
+def test_e0_correction_shifts_energy_per_element():
+    model = AdaptedModel(build_tiny_mace())
+    atoms = random_cluster(9, seed=2)
+    ref = _outputs(model, atoms, stress=False)
+    model.add_adapter("a", MMEAConfig(rank=4), e0s={1: 0.5, 6: -1.25})
+    got = _outputs(model, atoms, stress=False)
+    expected = 0.5 * (atoms.numbers == 1).sum() - 1.25 * (atoms.numbers == 6).sum()
+    assert got["energy"].item() - ref["energy"].item() == pytest.approx(expected, abs=1e-10)
+    assert torch.allclose(got["forces"], ref["forces"], atol=1e-12)
