@@ -1,0 +1,242 @@
+"""Choosing an adapter for a structure: explicit, tagged, by elements, or by descriptor router.
+
+The router compares a structure with each candidate adapter's training environment in the base
+model's invariant descriptor space (the ``0e`` node features of every layer, from the bare base).
+Each adapter stores per-element mean/std of those descriptors (:func:`describe_environment`);
+the distance of a structure is the mean over its atoms of the RMS z-score against its element's
+statistics. Smaller is closer; the distance doubles as an out-of-domain score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ase
+import numpy as np
+import torch
+
+from mmea_calc._deps import o3
+from mmea_calc.data import atoms_to_graph, collate
+from mmea_calc.errors import AdapterNotFoundError, NoCandidateAdapterError
+
+__all__ = [
+    "TAG_KEY",
+    "AdapterSelector",
+    "Choice",
+    "describe_environment",
+    "descriptor_distance",
+    "invariant_descriptors",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``atoms.info`` key that names the adapter for that structure (wins over automatic choice).
+TAG_KEY = "mmea_adapter"
+_STD_FLOOR = 1e-2  # fraction of the element's mean std used as a floor for each feature's std
+
+
+def _bare(model: Any) -> tuple[torch.nn.Module, Any]:
+    """The base module and a context that disables adapters (for an AdaptedModel)."""
+    import contextlib
+
+    if hasattr(model, "disable_adapters"):
+        return model, model.disable_adapters()
+    return model, contextlib.nullcontext()
+
+
+def _invariant_index(base: torch.nn.Module) -> torch.Tensor:
+    """Positions of ``0e`` channels in MACE's concatenated per-layer ``node_feats``."""
+    index, offset = [], 0
+    for product in base.products:
+        irreps = o3.Irreps(str(product.linear.irreps_out))
+        for (_, ir), sl in zip(irreps, irreps.slices(), strict=True):
+            if ir == o3.Irrep("0e"):
+                index.extend(range(offset + sl.start, offset + sl.stop))
+        offset += irreps.dim
+    return torch.tensor(index, dtype=torch.long)
+
+
+def invariant_descriptors(
+    model: Any, atoms_list: Sequence[ase.Atoms], batch_size: int = 16
+) -> list[np.ndarray]:
+    """Per-atom invariant descriptors of the *bare* base model, one ``[n_atoms, D]`` array each."""
+    from mmea_calc.base import base_info
+
+    module, bare = _bare(model)
+    base = getattr(module, "base_model", module)
+    info = getattr(module, "base_info", None) or base_info(base)
+    dtype = next(base.parameters()).dtype
+    device = next(base.parameters()).device
+    index = _invariant_index(base).to(device)
+    result: list[np.ndarray] = []
+    with bare:
+        for start in range(0, len(atoms_list), batch_size):
+            chunk = atoms_list[start : start + batch_size]
+            data = collate([atoms_to_graph(a, info) for a in chunk], dtype=dtype, device=device)
+            out = module(data, compute_force=False, training=False)
+            feats = out["node_feats"].detach().index_select(1, index).cpu().numpy()
+            ptr = data["ptr"].cpu().numpy()
+            result += [feats[ptr[i] : ptr[i + 1]].astype(np.float64) for i in range(len(chunk))]
+    return result
+
+
+def describe_environment(model: Any, atoms_list: Sequence[ase.Atoms]) -> dict[str, Any]:
+    """The environment description an adapter stores for automatic selection.
+
+    Args:
+        model: a base MACE module or an :class:`~mmea_calc.AdaptedModel` (its bare base is used).
+        atoms_list: the structures that define the environment (usually the training set).
+
+    Returns:
+        JSON-ready dict: elements, atomic numbers, structure count, periodic fraction and
+        per-element descriptor mean/std/count.
+    """
+    if len(atoms_list) == 0:
+        raise ValueError("describe_environment needs at least one structure")
+    descriptors = invariant_descriptors(model, list(atoms_list))
+    numbers = np.concatenate([a.numbers for a in atoms_list])
+    feats = np.concatenate(descriptors, axis=0)
+    per_element = {}
+    for z in sorted(set(numbers.tolist())):
+        rows = feats[numbers == z]
+        per_element[str(z)] = {
+            "mean": rows.mean(axis=0).tolist(),
+            "std": rows.std(axis=0).tolist(),
+            "count": int(rows.shape[0]),
+        }
+    zs = sorted(set(numbers.tolist()))
+    return {
+        "atomic_numbers": zs,
+        "elements": [ase.data.chemical_symbols[z] for z in zs],
+        "n_structures": len(atoms_list),
+        "periodic_fraction": float(np.mean([a.pbc.all() for a in atoms_list])),
+        "descriptor": {"dim": int(feats.shape[1]), "per_element": per_element},
+    }
+
+
+def descriptor_distance(
+    descriptors: np.ndarray, numbers: np.ndarray, environment: Mapping[str, Any]
+) -> float:
+    """Mean over atoms of the RMS z-score against the environment's per-element statistics."""
+    stats = environment["descriptor"]["per_element"]
+    total = 0.0
+    for z in np.unique(numbers):
+        entry = stats[str(int(z))]
+        mean, std = np.asarray(entry["mean"]), np.asarray(entry["std"])
+        std = np.maximum(std, _STD_FLOOR * max(std.mean(), 1e-12)) + 1e-12
+        rows = descriptors[numbers == z]
+        total += np.sqrt((((rows - mean) / std) ** 2).mean(axis=1)).sum()
+    return float(total / len(numbers))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An adapter choice: ``name`` (``None`` = base), how it was made, router distance if any."""
+
+    name: str | None
+    reason: str
+    distance: float | None = None
+
+
+Select = str | None | Callable[[ase.Atoms], "str | None"]
+
+
+class AdapterSelector:
+    """Picks an adapter per structure and keeps the choice sticky per (numbers, pbc).
+
+    Args:
+        model: the :class:`~mmea_calc.AdaptedModel` whose adapters are chosen from.
+        select: ``"auto"``, an adapter name, ``None``/``"base"``, or ``atoms -> name | None``.
+        on_unknown: ``"error"`` (default) or ``"base"`` when no adapter covers the elements.
+    """
+
+    def __init__(self, model: Any, select: Select = "auto", on_unknown: str = "error") -> None:
+        if on_unknown not in ("error", "base"):
+            raise ValueError(f"on_unknown={on_unknown!r} is not valid; use 'error' or 'base'")
+        self.model = model
+        self.on_unknown = on_unknown
+        self.select = select
+        self._cache: dict[tuple, Choice] = {}
+
+    @property
+    def select(self) -> Select:
+        return self._select
+
+    @select.setter
+    def select(self, value: Select) -> None:
+        if isinstance(value, str) and value not in ("auto", "base"):
+            self._check_name(value)
+        elif not (value is None or isinstance(value, str) or callable(value)):
+            raise ValueError(
+                f"select={value!r} is not valid; use 'auto', an adapter name, None/'base', "
+                "or a callable atoms -> name"
+            )
+        self._select = value
+        self.reselect()
+
+    def reselect(self) -> None:
+        """Forget cached choices: the next structure of each kind is chosen anew."""
+        self._cache.clear()
+
+    def _check_name(self, name: str | None) -> str | None:
+        if name in (None, "base"):
+            return None
+        if name not in self.model.adapter_names:
+            raise AdapterNotFoundError(
+                f"no adapter named {name!r}; loaded adapters: {self.model.adapter_names or 'none'}"
+            )
+        return name
+
+    def choose(self, atoms: ase.Atoms) -> Choice:
+        """The adapter for ``atoms`` (tag > explicit/callable > cached auto choice)."""
+        tag = atoms.info.get(TAG_KEY)
+        if tag is not None:
+            return Choice(self._check_name(str(tag)), "tag")
+        if callable(self._select):
+            return Choice(self._check_name(self._select(atoms)), "callable")
+        if self._select != "auto":
+            return Choice(self._check_name(self._select), "explicit")
+        key = (tuple(int(z) for z in atoms.numbers), tuple(bool(p) for p in atoms.pbc))
+        if key not in self._cache:
+            self._cache[key] = self._auto(atoms)
+        return self._cache[key]
+
+    def _environment(self, name: str) -> Mapping[str, Any] | None:
+        return self.model.adapter_metadata(name).get("environment")
+
+    def _auto(self, atoms: ase.Atoms) -> Choice:
+        elements = set(int(z) for z in atoms.numbers)
+        covered, unknown_env = [], []
+        for name in self.model.adapter_names:
+            env = self._environment(name)
+            if env is None:
+                unknown_env.append(name)
+            elif elements <= set(env["atomic_numbers"]):
+                covered.append(name)
+        if not covered:
+            return self._no_candidate(atoms, unknown_env)
+        if len(covered) == 1:
+            return Choice(covered[0], "elements")
+        desc = invariant_descriptors(self.model, [atoms])[0]
+        scores = {n: descriptor_distance(desc, atoms.numbers, self._environment(n)) for n in covered}
+        best = min(scores, key=scores.get)
+        logger.info("router distances %s -> %s", scores, best)
+        return Choice(best, "router", scores[best])
+
+    def _no_candidate(self, atoms: ase.Atoms, unknown_env: list[str]) -> Choice:
+        have = sorted({ase.data.chemical_symbols[z] for z in atoms.numbers})
+        listing = {
+            n: (self._environment(n) or {}).get("elements", "unknown (no environment stored)")
+            for n in self.model.adapter_names
+        }
+        message = (
+            f"no adapter covers the elements {have} of {atoms.get_chemical_formula()}; "
+            f"adapters and their elements: {listing or 'no adapters loaded'}"
+        )
+        if self.on_unknown == "base":
+            logger.warning("%s; running the bare base model (on_unknown='base')", message)
+            return Choice(None, "fallback")
+        raise NoCandidateAdapterError(message + "; pass on_unknown='base' to run the base model")
