@@ -2,9 +2,12 @@
 
 The router compares a structure with each candidate adapter's training environment in the base
 model's invariant descriptor space (the ``0e`` node features of every layer, from the bare base).
-Each adapter stores per-element mean/std of those descriptors (:func:`describe_environment`);
-the distance of a structure is the mean over its atoms of the RMS z-score against its element's
-statistics. Smaller is closer; the distance doubles as an out-of-domain score.
+Each adapter stores per-element mean/std of those descriptors (:func:`describe_environment`).
+The distance of a structure to an environment is the mean over its atoms of the RMS distance to
+the element's mean descriptor, in units of the per-feature spread pooled over the candidate
+environments (a nearest-centroid rule: every candidate is measured in the same units, so a broad
+environment does not win merely by being broad). With one candidate this is the plain RMS
+z-score: about 1 inside the training distribution, much larger outside (an out-of-domain score).
 """
 
 from __future__ import annotations
@@ -118,14 +121,27 @@ def describe_environment(model: Any, atoms_list: Sequence[ase.Atoms]) -> dict[st
 
 
 def descriptor_distance(
-    descriptors: np.ndarray, numbers: np.ndarray, environment: Mapping[str, Any]
+    descriptors: np.ndarray,
+    numbers: np.ndarray,
+    environment: Mapping[str, Any],
+    pool: Sequence[Mapping[str, Any]] | None = None,
 ) -> float:
-    """Mean over atoms of the RMS z-score against the environment's per-element statistics."""
-    stats = environment["descriptor"]["per_element"]
+    """Mean over atoms of the RMS standardised distance to the element's mean descriptor.
+
+    Args:
+        descriptors: ``[n_atoms, D]`` invariant descriptors of the structure.
+        numbers: atomic numbers of its atoms.
+        environment: the environment measured against (:func:`describe_environment`).
+        pool: environments whose per-feature spreads are pooled (RMS) into the unit of length;
+            ``None`` uses ``environment``'s own spread (a z-score).
+    """
+    pool = list(pool) if pool else [environment]
     total = 0.0
     for z in np.unique(numbers):
-        entry = stats[str(int(z))]
-        mean, std = np.asarray(entry["mean"]), np.asarray(entry["std"])
+        key = str(int(z))
+        mean = np.asarray(environment["descriptor"]["per_element"][key]["mean"])
+        spreads = [np.asarray(e["descriptor"]["per_element"][key]["std"]) for e in pool]
+        std = np.sqrt(np.mean(np.square(spreads), axis=0))
         std = np.maximum(std, _STD_FLOOR * max(std.mean(), 1e-12)) + 1e-12
         rows = descriptors[numbers == z]
         total += np.sqrt((((rows - mean) / std) ** 2).mean(axis=1)).sum()
@@ -218,13 +234,15 @@ class AdapterSelector:
                 covered.append(name)
         if not covered:
             return self._no_candidate(atoms, unknown_env)
-        if len(covered) == 1:
-            return Choice(covered[0], "elements")
         desc = invariant_descriptors(self.model, [atoms])[0]
-        scores = {n: descriptor_distance(desc, atoms.numbers, self._environment(n)) for n in covered}
+        envs = [self._environment(n) for n in covered]
+        scores = {
+            n: descriptor_distance(desc, atoms.numbers, env, pool=envs)
+            for n, env in zip(covered, envs, strict=True)
+        }
         best = min(scores, key=scores.get)
         logger.info("router distances %s -> %s", scores, best)
-        return Choice(best, "router", scores[best])
+        return Choice(best, "elements" if len(covered) == 1 else "router", scores[best])
 
     def _no_candidate(self, atoms: ase.Atoms, unknown_env: list[str]) -> Choice:
         have = sorted({ase.data.chemical_symbols[z] for z in atoms.numbers})
