@@ -54,9 +54,14 @@ def atoms_to_graph(
     atoms: ase.Atoms,
     model_info: dict[str, Any],
     key_specification: Any | None = None,
+    check: bool = True,
 ) -> Any:
-    """One ``mace.data.AtomicData`` graph, built in float64 (positions are never rounded)."""
-    check_atoms(atoms, model_info["atomic_numbers"])
+    """One ``mace.data.AtomicData`` graph, built in float64 (positions are never rounded).
+
+    ``check=False`` skips :func:`check_atoms` for callers that already ran it.
+    """
+    if check:
+        check_atoms(atoms, model_info["atomic_numbers"])
     keyspec = key_specification or mace_data.KeySpecification()
     z_table = utils.AtomicNumberTable(list(model_info["atomic_numbers"]))
     with torch_tools.default_dtype(torch.float64):  # scoped: mace reads the default dtype
