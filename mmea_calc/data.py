@@ -1,20 +1,45 @@
-"""Structures to graphs through mace-torch's own data pipeline."""
+"""Structures to graphs through mace-torch's own data pipeline; labelled datasets; E0 fitting.
+
+Reference values are read once (:func:`read_structures`, :func:`label_structures`) into copies of
+the structures under fixed internal keys (:data:`LABEL_KEYS`), whatever the user's key names or
+ASE's storage, so everything downstream (graphs, hashing, metrics) reads one place.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ase
+import ase.io
 import numpy as np
 import torch
 from mace import data as mace_data
 from mace.tools import torch_geometric, torch_tools, utils
+from mace.tools.default_keys import DefaultKeys
 
 from mmea_calc._deps import mace  # noqa: F401  (import order, see _deps)
-from mmea_calc.errors import InvalidStructureError, UnsupportedElementError
+from mmea_calc.errors import DataError, InvalidStructureError, UnsupportedElementError
 
-__all__ = ["atoms_to_graph", "check_atoms", "collate"]
+__all__ = [
+    "LABEL_KEYS",
+    "DataKeys",
+    "atoms_to_graph",
+    "check_atoms",
+    "collate",
+    "data_hash",
+    "fit_e0_correction",
+    "has_stress",
+    "label_structures",
+    "labelled_graphs",
+    "read_structures",
+    "reference_values",
+    "split_structures",
+]
 
 
 def check_atoms(atoms: ase.Atoms, atomic_numbers: Sequence[int]) -> None:
@@ -81,3 +106,229 @@ def collate(
         if torch.is_tensor(value) and torch.is_floating_point(value):
             out[key] = value.to(dtype=dtype)
     return out
+
+
+# ---------------------------------------------------------------------------- labelled datasets
+#: Where :func:`label_structures` puts the reference values on its copies of the structures.
+LABEL_KEYS = {"energy": "mmea_energy", "forces": "mmea_forces", "stress": "mmea_stress"}
+_PLAIN = {"energy": "energy", "forces": "forces", "stress": "stress"}
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """Names of the reference values in the input structures (defaults as in mace-torch).
+
+    When a key is absent from ``atoms.info``/``atoms.arrays`` and it is the default
+    (``REF_*``) or the plain ASE name (``energy``...), the value stored on ``atoms.calc`` is used
+    (ASE >= 3.23 moves plain ``energy``/``forces``/``stress`` there when reading extxyz).
+    """
+
+    energy: str = DefaultKeys.ENERGY.value
+    forces: str = DefaultKeys.FORCES.value
+    stress: str = DefaultKeys.STRESS.value
+
+
+def _lookup(atoms: ase.Atoms, quantity: str, key: str) -> np.ndarray | None:
+    store = atoms.arrays if quantity == "forces" else atoms.info
+    if key in store and store[key] is not None:
+        return np.asarray(store[key], dtype=np.float64)
+    default = getattr(DataKeys(), quantity)
+    calc = getattr(atoms, "calc", None)
+    results = getattr(calc, "results", None) or {}
+    if key in (default, _PLAIN[quantity]) and results.get(_PLAIN[quantity]) is not None:
+        return np.asarray(results[_PLAIN[quantity]], dtype=np.float64)
+    return None
+
+
+def label_structures(
+    structures: Sequence[ase.Atoms],
+    keys: DataKeys | None = None,
+    *,
+    atomic_numbers: Sequence[int] | None = None,
+    source: str = "dataset",
+) -> list[ase.Atoms]:
+    """Copies of ``structures`` with energy, forces (and stress) under :data:`LABEL_KEYS`.
+
+    Args:
+        structures: the structures, labelled under ``keys`` (or on ``atoms.calc``).
+        keys: where the reference values are; default :class:`DataKeys`.
+        atomic_numbers: when given, every structure is checked against these elements.
+        source: a name for the data in error messages (e.g. the file path).
+
+    Raises:
+        DataError: empty dataset, a structure without energy or forces, forces of the wrong
+            shape, or non-finite reference values.
+        UnsupportedElementError: elements outside ``atomic_numbers``.
+    """
+    keys = keys or DataKeys()
+    if len(structures) == 0:
+        raise DataError(f"{source} holds no structures")
+    labelled = []
+    for index, atoms in enumerate(structures):
+        where = f"structure {index} of {source}"
+        if atomic_numbers is not None:
+            try:
+                check_atoms(atoms, atomic_numbers)
+            except (InvalidStructureError, UnsupportedElementError) as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+        energy = _lookup(atoms, "energy", keys.energy)
+        forces = _lookup(atoms, "forces", keys.forces)
+        stress = _lookup(atoms, "stress", keys.stress)
+        if energy is None or energy.size != 1:
+            raise DataError(
+                f"{where} has no energy under key {keys.energy!r} (info keys: "
+                f"{sorted(atoms.info)}); pass the right --energy-key"
+            )
+        if forces is None:
+            raise DataError(
+                f"{where} has no forces under key {keys.forces!r} (per-atom arrays: "
+                f"{sorted(atoms.arrays)}); pass the right --forces-key"
+            )
+        if forces.shape != (len(atoms), 3):
+            raise DataError(
+                f"{where}: forces have shape {forces.shape}, expected ({len(atoms)}, 3)"
+            )
+        if stress is not None and stress.size not in (6, 9):
+            raise DataError(f"{where}: stress has {stress.size} values, expected 6 or 9")
+        values = [energy, forces] + ([stress] if stress is not None else [])
+        if not all(np.isfinite(v).all() for v in values):
+            raise DataError(f"{where} holds NaN or infinite reference values")
+        copy = ase.Atoms(
+            numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc
+        )
+        copy.info[LABEL_KEYS["energy"]] = float(energy.reshape(()))
+        copy.arrays[LABEL_KEYS["forces"]] = forces.copy()
+        if stress is not None:
+            copy.info[LABEL_KEYS["stress"]] = _stress_matrix(stress)
+        labelled.append(copy)
+    return labelled
+
+
+def _stress_matrix(stress: np.ndarray) -> np.ndarray:
+    if stress.size == 9:
+        return stress.reshape(3, 3).copy()
+    xx, yy, zz, yz, xz, xy = stress.reshape(6)
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def read_structures(
+    path: str | os.PathLike,
+    keys: DataKeys | None = None,
+    *,
+    atomic_numbers: Sequence[int] | None = None,
+) -> list[ase.Atoms]:
+    """Read an extxyz (or any ASE-readable) file into labelled structures.
+
+    See :func:`label_structures` for what is checked; a missing or unreadable file raises
+    :class:`~mmea_calc.errors.DataError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {str(path)!r} is empty (no structures)")
+    try:
+        structures = ase.io.read(path, index=":")
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise DataError(f"could not read {str(path)!r} with ASE: {exc}") from exc
+    if isinstance(structures, ase.Atoms):
+        structures = [structures]
+    return label_structures(structures, keys, atomic_numbers=atomic_numbers, source=repr(str(path)))
+
+
+def has_stress(structures: Sequence[ase.Atoms]) -> bool:
+    """Whether any labelled structure carries a reference stress."""
+    return any(LABEL_KEYS["stress"] in a.info for a in structures)
+
+
+def reference_values(structures: Sequence[ase.Atoms]) -> dict[str, Any]:
+    """Energies ``[n]``, concatenated forces ``[n_atoms, 3]`` and stresses of labelled structures.
+
+    ``stress`` is ``[n_with_stress, 3, 3]`` with ``stress_mask`` marking which structures have one.
+    """
+    mask = np.array([LABEL_KEYS["stress"] in a.info for a in structures])
+    stresses = [a.info[LABEL_KEYS["stress"]] for a in structures if LABEL_KEYS["stress"] in a.info]
+    return {
+        "energy": np.array([a.info[LABEL_KEYS["energy"]] for a in structures]),
+        "forces": np.concatenate([a.arrays[LABEL_KEYS["forces"]] for a in structures]),
+        "stress": np.array(stresses).reshape(-1, 3, 3),
+        "stress_mask": mask,
+        "num_atoms": np.array([len(a) for a in structures]),
+    }
+
+
+def labelled_graphs(structures: Sequence[ase.Atoms], model_info: dict[str, Any]) -> list[Any]:
+    """Graphs of labelled structures, carrying ``energy``/``forces``/``stress`` and weights."""
+    keyspec = mace_data.KeySpecification(
+        info_keys={"energy": LABEL_KEYS["energy"], "stress": LABEL_KEYS["stress"]},
+        arrays_keys={"forces": LABEL_KEYS["forces"]},
+    )
+    return [atoms_to_graph(a, model_info, keyspec) for a in structures]
+
+
+def split_structures(
+    structures: Sequence[ase.Atoms], valid_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[ase.Atoms], list[ase.Atoms]]:
+    """Seeded random split into (train, valid); valid holds at least one structure."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise DataError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    if len(structures) < 2:
+        raise DataError(
+            f"cannot split {len(structures)} structure(s) into training and validation sets; "
+            "give at least 2 structures or a separate validation file"
+        )
+    order = np.random.default_rng(seed).permutation(len(structures))
+    n_valid = min(max(1, round(valid_fraction * len(structures))), len(structures) - 1)
+    valid = sorted(order[:n_valid].tolist())
+    train = sorted(order[n_valid:].tolist())
+    return [structures[i] for i in train], [structures[i] for i in valid]
+
+
+def data_hash(structures: Sequence[ase.Atoms]) -> str:
+    """sha256 over the numbers, positions, cells and reference values of labelled structures."""
+    digest = hashlib.sha256()
+    for atoms in structures:
+        for array in (
+            atoms.numbers.astype(np.int64),
+            atoms.positions.astype(np.float64),
+            np.asarray(atoms.cell, dtype=np.float64),
+            atoms.pbc.astype(np.int8),
+            np.float64(atoms.info[LABEL_KEYS["energy"]]),
+            atoms.arrays[LABEL_KEYS["forces"]].astype(np.float64),
+            np.asarray(atoms.info.get(LABEL_KEYS["stress"], np.zeros(0)), dtype=np.float64),
+        ):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def fit_e0_correction(
+    structures: Sequence[ase.Atoms], residual: Sequence[float], ridge: float = 1e-4
+) -> dict[int, float]:
+    """Per-element energies (eV) fitted to a per-structure energy residual, ridge towards 0.
+
+    Solves ``min_x sum_i ((r_i - c_i . x) / N_i)^2 + ridge * n * |x|^2`` where ``c_i`` counts
+    the atoms of each element in structure ``i`` (a per-atom fit, matching the per-atom energy
+    loss). The ridge makes datasets of one composition well-posed: the offset is then shared
+    between elements in proportion to their counts.
+
+    Example:
+        >>> import ase
+        >>> mols = [ase.Atoms("H2O"), ase.Atoms("H2O")]
+        >>> e0 = fit_e0_correction(mols, [0.3, 0.3])
+        >>> round(2 * e0[1] + e0[8], 3)  # the constant residual is absorbed
+        0.3
+    """
+    residual = np.asarray(residual, dtype=np.float64)
+    if residual.shape != (len(structures),) or len(structures) == 0:
+        raise DataError(
+            f"need one residual per structure: got {residual.shape} for {len(structures)}"
+        )
+    elements = sorted({int(z) for a in structures for z in a.numbers})
+    counts = np.array([[np.sum(a.numbers == z) for z in elements] for a in structures], float)
+    n_atoms = counts.sum(axis=1, keepdims=True)
+    rows, target = counts / n_atoms, residual / n_atoms[:, 0]
+    lam = ridge * len(structures)
+    lhs = np.vstack([rows, np.sqrt(lam) * np.eye(len(elements))])
+    rhs = np.concatenate([target, np.zeros(len(elements))])
+    solution, *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
+    return {z: float(v) for z, v in zip(elements, solution, strict=True)}
