@@ -1,0 +1,447 @@
+"""The training loop behind :func:`mmea_calc.train.fit_adapter` and its checkpoint format.
+
+The checkpoint is one safetensors file (written atomically): the trained tensors, their EMA, the
+best weights so far and Adam's per-tensor state as tensors; everything else (epoch, scheduler,
+history, E0 correction, the identity of the run) as JSON in the file's metadata. No pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ase
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from mmea_calc.data import collate, has_stress, reference_values
+from mmea_calc.errors import DataError
+from mmea_calc.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_VERSION = 1
+RESUMABLE = ("epochs", "patience", "device", "eval_batch_size")
+
+
+# ---------------------------------------------------------------------------- prediction
+def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
+def predict(
+    module: torch.nn.Module,
+    graphs: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    forces: bool = True,
+    stress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Batched energies/forces/stresses as float64 numpy arrays."""
+    device, dtype = _device_dtype(module)
+    energy, force, stresses = [], [], []
+    for start in range(0, len(graphs), batch_size):
+        data = collate(graphs[start : start + batch_size], dtype=dtype, device=device)
+        out = module(data, training=False, compute_force=forces, compute_stress=stress)
+        energy.append(out["energy"].detach().cpu().double().numpy())
+        if forces:
+            force.append(out["forces"].detach().cpu().double().numpy())
+        if stress:
+            stresses.append(out["stress"].detach().cpu().double().numpy())
+    result = {"energy": np.concatenate(energy)}
+    if forces:
+        result["forces"] = np.concatenate(force)
+    if stress:
+        result["stress"] = np.concatenate(stresses)
+    return result
+
+
+def loss_fn(
+    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: Any, use_stress: bool
+) -> torch.Tensor:
+    """Weighted MSE of energy per atom, forces and (when labelled) stress; masked by weights."""
+    num_atoms = (batch["ptr"][1:] - batch["ptr"][:-1]).to(out["energy"].dtype)
+    w_e = batch["weight"] * batch["energy_weight"]
+    err_e = ((out["energy"] - batch["energy"]) / num_atoms) ** 2
+    loss = config.energy_weight * (w_e * err_e).sum() / w_e.sum().clamp_min(1e-12)
+    w_f = (batch["weight"] * batch["forces_weight"])[batch["batch"]]
+    err_f = ((out["forces"] - batch["forces"]) ** 2).sum(dim=1)
+    loss = loss + config.forces_weight * (w_f * err_f).sum() / (3 * w_f.sum()).clamp_min(1e-12)
+    if use_stress:
+        w_s = batch["weight"] * batch["stress_weight"]
+        err_s = ((out["stress"] - batch["stress"]) ** 2).sum(dim=(1, 2))
+        err_s = torch.where(w_s > 0, err_s, torch.zeros_like(err_s))  # no cell: NaN stress
+        loss = loss + config.stress_weight * (w_s * err_s).sum() / (9 * w_s.sum()).clamp_min(1e-12)
+    return loss
+
+
+# ---------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of tensors, with torch-ema's warm-up of the decay."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float | None) -> None:
+        self.params = params
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: p.detach().clone() for k, p in params.items()} if decay else None
+
+    def update(self) -> None:
+        if self.shadow is None:
+            return
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for key, param in self.params.items():
+                self.shadow[key].sub_((1.0 - decay) * (self.shadow[key] - param))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the parameters hold the averaged values."""
+        if self.shadow is None:
+            yield
+            return
+        backup = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for key, param in self.params.items():
+                param.copy_(self.shadow[key])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, param in self.params.items():
+                    param.copy_(backup[key])
+
+
+# ---------------------------------------------------------------------------- run and state
+@dataclass
+class Run:
+    """The fixed inputs of one run."""
+
+    config: Any
+    train_atoms: list[ase.Atoms]
+    valid_atoms: list[ase.Atoms]
+    train_graphs: list[Any]
+    valid_graphs: list[Any]
+    base: dict[str, Any]
+    hashes: dict[str, str]
+
+    @property
+    def use_stress(self) -> bool:
+        return self.config.stress_weight > 0 and has_stress(self.train_atoms)
+
+    @property
+    def eval_stress(self) -> bool:
+        return has_stress(self.train_atoms) or has_stress(self.valid_atoms)
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed by this run."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
+        return {"config": config, "base": self.base["fingerprint"], "data": self.hashes}
+
+
+@dataclass
+class State:
+    """Everything that changes during training (what a checkpoint holds)."""
+
+    epoch: int
+    params: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    ema_updates: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    best: dict[str, torch.Tensor] | None
+    best_epoch: int
+    best_criterion: float
+    bad_epochs: int
+    history: list[dict[str, Any]]
+    e0s: dict[int, float] | None
+    best_e0s: dict[int, float] | None
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, layout = {}, {}
+    for index, per_param in state["state"].items():
+        layout[str(index)] = sorted(per_param)
+        for key, value in per_param.items():
+            tensors[f"optim/{index}/{key}"] = torch.as_tensor(value)
+    return tensors, {"layout": layout, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    per_param = {
+        int(index): {key: tensors[f"optim/{index}/{key}"] for key in keys}
+        for index, keys in meta["layout"].items()
+    }
+    return {"state": per_param, "param_groups": meta["param_groups"]}
+
+
+def write_checkpoint(path: Path, run: Run, state: State) -> None:
+    tensors = {f"param/{k}": v for k, v in state.params.items()}
+    if state.ema is not None:
+        tensors.update({f"ema/{k}": v for k, v in state.ema.items()})
+    if state.best is not None:
+        tensors.update({f"best/{k}": v for k, v in state.best.items()})
+    optim_tensors, optim_meta = _flatten_optimizer(state.optimizer)
+    tensors.update(optim_tensors)
+    meta = {
+        "version": CHECKPOINT_VERSION,
+        "identity": run.identity(),
+        "optimizer": optim_meta,
+        "e0s": _e0_json(state.e0s),
+        "best_e0s": _e0_json(state.best_e0s),
+    }
+    for key in ("epoch", "ema_updates", "scheduler", "best_epoch", "best_criterion"):
+        meta[key] = getattr(state, key)
+    meta.update(bad_epochs=state.bad_epochs, history=state.history)
+    data = save(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        metadata={"mmea_checkpoint": json.dumps(meta)},
+    )
+    atomic_write_bytes(path, data)
+
+
+def read_checkpoint(out: Path, run: Run) -> State:
+    """Read ``out/checkpoint.safetensors`` and check it belongs to ``run``."""
+    path = out / CHECKPOINT_NAME
+    raw = path.read_bytes()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["mmea_checkpoint"])
+        tensors = load(raw)
+    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError, OSError) as exc:
+        raise DataError(f"checkpoint {str(path)!r} is unreadable: {exc}") from exc
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"checkpoint {str(path)!r} has unknown version {meta.get('version')!r}")
+    want, have = run.identity(), meta["identity"]
+    if json.dumps(want, sort_keys=True) != json.dumps(have, sort_keys=True):
+        diff = [k for k in want["config"] if want["config"][k] != have["config"].get(k)]
+        diff += [k for k in ("base", "data") if want[k] != have[k]]
+        raise DataError(
+            f"cannot resume from {str(path)!r}: it was made with different {diff}; resume with "
+            "the same base, data and settings (only epochs/patience may change)"
+        )
+
+    def group(prefix: str) -> dict[str, torch.Tensor] | None:
+        found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return found or None
+
+    return State(
+        epoch=meta["epoch"],
+        params=group("param/") or {},
+        ema=group("ema/"),
+        ema_updates=meta["ema_updates"],
+        optimizer=_unflatten_optimizer(tensors, meta["optimizer"]),
+        scheduler=meta["scheduler"],
+        best=group("best/"),
+        best_epoch=meta["best_epoch"],
+        best_criterion=meta["best_criterion"],
+        bad_epochs=meta["bad_epochs"],
+        history=meta["history"],
+        e0s=_e0_read(meta["e0s"]),
+        best_e0s=_e0_read(meta["best_e0s"]),
+    )
+
+
+def _e0_json(e0s: dict[int, float] | None) -> dict[str, float] | None:
+    return {str(z): float(v) for z, v in sorted(e0s.items())} if e0s else None
+
+
+def _e0_read(e0s: dict[str, float] | None) -> dict[int, float] | None:
+    return {int(z): float(v) for z, v in e0s.items()} if e0s else None
+
+
+# ---------------------------------------------------------------------------- the loop
+class Loop:
+    """Epochs of training with validation, best-weights tracking and checkpoints."""
+
+    def __init__(
+        self,
+        run: Run,
+        subject: Any,
+        out: Path | None,
+        state: State | None,
+        callback: Callable[[dict[str, Any], torch.nn.Module], None] | None,
+    ) -> None:
+        cfg = run.config
+        self.run, self.subject, self.out, self.callback = run, subject, out, callback
+        params = list(subject.params.values())
+        self.optimizer = torch.optim.Adam(
+            params, lr=cfg.lr, amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=cfg.lr_factor, patience=cfg.scheduler_patience
+        )
+        self.ema = EMA(subject.params, cfg.ema_decay)
+        self.epoch, self.best_epoch, self.bad_epochs = 0, 0, 0
+        self.best_criterion = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.status = "complete"
+        self.best_e0s: dict[int, float] | None = None
+        if state is not None:
+            self._load(state)
+
+    def _load(self, state: State) -> None:
+        self.subject.restore(state.params)
+        if self.ema.shadow is not None and state.ema is not None:
+            self.ema.shadow = {k: v.clone() for k, v in state.ema.items()}
+            self.ema.updates = state.ema_updates
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.epoch, self.best_epoch = state.epoch, state.best_epoch
+        self.best_criterion, self.bad_epochs = state.best_criterion, state.bad_epochs
+        self.best_state, self.history = state.best, list(state.history)
+        self.subject.set_e0s(state.e0s)
+        self.best_e0s = state.best_e0s
+        logger.info("resumed after epoch %d", self.epoch)
+
+    def state(self) -> State:
+        return State(
+            epoch=self.epoch,
+            params=self.subject.snapshot(),
+            ema=self.ema.shadow,
+            ema_updates=self.ema.updates,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            best=self.best_state,
+            best_epoch=self.best_epoch,
+            best_criterion=self.best_criterion,
+            bad_epochs=self.bad_epochs,
+            history=self.history,
+            e0s=self.subject.e0s,
+            best_e0s=self.best_e0s,
+        )
+
+    def restore_best(self) -> None:
+        """Put the best weights (and their E0 correction) into the subject."""
+        if self.best_state is not None:
+            self.subject.restore(self.best_state)
+            self.subject.set_e0s(self.best_e0s)
+
+    def _refit_e0s(self) -> None:
+        """Re-solve the per-element energy correction for the current weights (closed form).
+
+        Forces do not see a per-element constant, so with a small energy weight it drifts;
+        refitting it every epoch keeps the energy free of such offsets.
+        """
+        from mmea_calc.data import fit_e0_correction
+
+        run = self.run
+        pred = predict(
+            self.subject.module,
+            run.train_graphs,
+            batch_size=run.config.eval_batch_size,
+            forces=False,
+        )
+        ref = reference_values(run.train_atoms)
+        delta = fit_e0_correction(
+            run.train_atoms, ref["energy"] - pred["energy"], run.config.e0_ridge
+        )
+        current = self.subject.e0s or {}
+        self.subject.set_e0s({z: current.get(z, 0.0) + d for z, d in delta.items()})
+
+    def evaluate(self, graphs: Sequence[Any], atoms: Sequence[ase.Atoms]) -> dict[str, float]:
+        from mmea_calc.train import error_metrics
+
+        cfg = self.run.config
+        pred = predict(
+            self.subject.module,
+            graphs,
+            batch_size=cfg.eval_batch_size,
+            stress=self.run.eval_stress,
+        )
+        return error_metrics(pred, reference_values(atoms))
+
+    def _train_epoch(self, epoch: int) -> float:
+        cfg, run = self.run.config, self.run
+        device, dtype = _device_dtype(self.subject.module)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(run.train_graphs), generator=generator).tolist()
+        params = list(self.subject.params.values())
+        total, count = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            chunk = [run.train_graphs[i] for i in order[start : start + cfg.batch_size]]
+            batch = collate(chunk, dtype=dtype, device=device)
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.subject.module(
+                batch, training=True, compute_force=True, compute_stress=run.use_stress
+            )
+            loss = loss_fn(out, batch, cfg, run.use_stress)
+            loss.backward()
+            if cfg.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.clip_grad)
+            self.optimizer.step()
+            self.ema.update()
+            total += float(loss.detach()) * len(chunk)
+            count += len(chunk)
+        return total / count
+
+    def _criterion(self, metrics: dict[str, float]) -> float:
+        cfg = self.run.config
+        value = cfg.criterion_energy_weight * metrics["energy_rmse_meV_per_atom"]
+        return value + metrics["forces_rmse_meV_per_A"] + metrics.get("stress_rmse_meV_per_A3", 0.0)
+
+    def step(self) -> dict[str, Any]:
+        """One epoch: train, validate (EMA weights), schedule, track the best, checkpoint."""
+        started = time.perf_counter()
+        epoch = self.epoch + 1
+        loss = self._train_epoch(epoch)
+        with self.ema.applied():
+            if self.run.config.fit_e0s:
+                self._refit_e0s()
+            metrics = self.evaluate(self.run.valid_graphs, self.run.valid_atoms)
+            criterion = self._criterion(metrics)
+            improved = criterion < self.best_criterion
+            if improved:
+                self.best_state = self.subject.snapshot()
+                self.best_e0s = self.subject.e0s
+        self.scheduler.step(criterion)
+        if improved:
+            self.best_criterion, self.best_epoch, self.bad_epochs = criterion, epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.epoch = epoch
+        record = {
+            "epoch": epoch,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "criterion": criterion,
+            "best": improved,
+            "seconds": time.perf_counter() - started,
+            "valid": metrics,
+        }
+        self.history.append(record)
+        if self.out is not None:
+            write_checkpoint(self.out / CHECKPOINT_NAME, self.run, self.state())
+        return record
+
+    def train(self) -> None:
+        cfg = self.run.config
+        while self.epoch < cfg.epochs:
+            if cfg.patience is not None and self.bad_epochs >= cfg.patience:
+                self.status = "early-stopped"
+                logger.info("early stop after epoch %d (best %d)", self.epoch, self.best_epoch)
+                break
+            record = self.step()
+            logger.info(
+                "epoch %d loss %.4g E %.3g meV/atom F %.3g meV/A",
+                record["epoch"],
+                record["loss"],
+                record["valid"]["energy_mae_meV_per_atom"],
+                record["valid"]["forces_mae_meV_per_A"],
+            )
+            if self.callback is not None:
+                self.callback(record, self.subject.module)

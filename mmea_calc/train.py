@@ -1,0 +1,566 @@
+"""Training: :func:`fit_adapter` for MMEA adapters and, under the same trainer, the comparison
+methods (mace-torch's equivariant LoRA and full fine-tuning).
+
+One trainer serves every method: weighted MSE of energy per atom, forces and stress; Adam
+(amsgrad), ReduceLROnPlateau, an exponential moving average (EMA) of the trained tensors and
+gradient clipping; the best epoch on validation is kept, judged by a criterion that includes the
+energy error (``criterion_energy_weight * E_rmse[meV/atom] + F_rmse[meV/Å] (+ S_rmse[meV/Å³])``)
+so that the energy cannot drift unseen under the default forces weight of 1000. Only trained
+tensors get gradients and optimizer state. A per-element energy correction is fitted to the
+residual of the base model on the training set before training (:func:`~mmea_calc.data.
+fit_e0_correction`) and stored with the result.
+
+With an output directory, a checkpoint is written atomically after every epoch, ``resume=True``
+continues from it exactly (same result as an uninterrupted run), and Ctrl-C (``KeyboardInterrupt``)
+writes the best result so far before re-raising.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ase
+import numpy as np
+import torch
+
+from mmea_calc import _trainer
+from mmea_calc.base import base_info, load_base, resolve_dtype
+from mmea_calc.data import (
+    DataKeys,
+    data_hash,
+    fit_e0_correction,
+    has_stress,
+    label_structures,
+    labelled_graphs,
+    read_structures,
+    reference_values,
+    split_structures,
+)
+from mmea_calc.errors import MmeaCalcError
+from mmea_calc.io import atomic_write_bytes, atomic_write_json
+from mmea_calc.model import AdaptedModel, MMEAConfig
+
+__all__ = [
+    "METHODS",
+    "FitResult",
+    "OutputExistsError",
+    "TrainConfig",
+    "error_metrics",
+    "fit_adapter",
+    "predict",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("mmea", "lora", "full")
+TRAINING_NAME = "training.json"
+MODEL_NAME = "model.model"
+OUTPUT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    TRAINING_NAME,
+    MODEL_NAME,
+    _trainer.CHECKPOINT_NAME,
+)
+
+
+class OutputExistsError(MmeaCalcError, FileExistsError):
+    """The output directory already holds results (pass ``overwrite`` or ``resume``)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one fine-tuning run (defaults follow mace-torch's fine-tuning ones).
+
+    Attributes:
+        method: ``"mmea"`` (an adapter), ``"lora"`` (mace-torch's equivariant LoRA) or
+            ``"full"`` (every weight of the model).
+        rank: MMEA bottleneck rank, or LoRA rank.
+        phi, targets: MMEA gate map and target patterns (see :class:`~mmea_calc.MMEAConfig`).
+        lora_alpha: LoRA scaling numerator (``scaling = alpha / rank``), as in mace-torch.
+        epochs, lr, batch_size: the schedule (Adam with amsgrad by default).
+        energy_weight, forces_weight, stress_weight: loss weights of the MSE of energy per atom
+            (eV/atom), forces (eV/Å) and stress (eV/Å³).
+        lr_factor, scheduler_patience: ReduceLROnPlateau on the validation criterion.
+        ema_decay: EMA decay of the trained tensors (``None`` disables the EMA).
+        clip_grad: max gradient norm (``None`` disables clipping).
+        patience: stop after this many epochs without a better validation criterion.
+        criterion_energy_weight: weight of the energy RMSE in the validation criterion.
+        valid_fraction: validation share when no validation set is given (seeded split).
+        fit_e0s: fit a per-element energy correction to the base model's residual.
+        e0_ridge: ridge strength of that fit (see :func:`~mmea_calc.data.fit_e0_correction`).
+        seed, device, dtype: reproducibility and placement (``dtype`` converts a loaded base).
+    """
+
+    method: str = "mmea"
+    rank: int = 16
+    phi: str = "exp"
+    targets: list[str] | None = None
+    lora_alpha: float = 1.0
+    epochs: int = 200
+    lr: float = 5e-3
+    batch_size: int = 5
+    energy_weight: float = 1.0
+    forces_weight: float = 1000.0
+    stress_weight: float = 1.0
+    weight_decay: float = 0.0
+    amsgrad: bool = True
+    lr_factor: float = 0.8
+    scheduler_patience: int = 50
+    ema_decay: float | None = 0.99
+    clip_grad: float | None = 10.0
+    patience: int | None = 100
+    criterion_energy_weight: float = 1.0
+    valid_fraction: float = 0.1
+    fit_e0s: bool = True
+    e0_ridge: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float64"
+    eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not supported; valid: {list(METHODS)}")
+        positive = ("rank", "epochs", "batch_size", "eval_batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        weights = (self.energy_weight, self.forces_weight, self.stress_weight)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        resolve_dtype(self.dtype)
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_adapter` returns.
+
+    Attributes:
+        method, name: the method and the adapter (or run) name.
+        model: the :class:`~mmea_calc.AdaptedModel` holding the trained adapter (``mmea``), or
+            the fine-tuned MACE module (``lora`` with LoRA merged, ``full``).
+        trainable_parameters: number of trained scalars (for LoRA: before merging).
+        metrics: final ``{"train": {...}, "valid": {...}}`` errors (see :func:`error_metrics`).
+        history: one record per epoch (loss, learning rate, validation errors, seconds).
+        e0s: the fitted per-element energy correction (eV by atomic number), or ``None``.
+        best_epoch, epochs_completed, status: ``status`` is ``"complete"``, ``"early-stopped"``
+            or ``"interrupted"``.
+    """
+
+    method: str
+    name: str
+    model: torch.nn.Module
+    trainable_parameters: int
+    metrics: dict[str, dict[str, float]]
+    history: list[dict[str, Any]]
+    e0s: dict[int, float] | None
+    best_epoch: int
+    epochs_completed: int
+    status: str
+    seconds_per_epoch: float
+    out_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def predict(
+    module: torch.nn.Module,
+    graphs: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    forces: bool = True,
+    stress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Energies ``[n]`` (eV), forces ``[n_atoms, 3]`` and stresses ``[n, 3, 3]`` of graphs.
+
+    ``module`` is a MACE model or an :class:`~mmea_calc.AdaptedModel`; graphs come from
+    :func:`~mmea_calc.data.atoms_to_graph` / :func:`~mmea_calc.data.labelled_graphs`.
+    """
+    return _trainer.predict(module, graphs, batch_size=batch_size, forces=forces, stress=stress)
+
+
+def error_metrics(pred: dict[str, np.ndarray], ref: dict[str, Any]) -> dict[str, float]:
+    """MAE and RMSE of energy per atom (meV/atom), force components (meV/Å), stress (meV/Å³).
+
+    ``ref`` is :func:`~mmea_calc.data.reference_values` of the same structures. Stress keys are
+    present only when some structure has a reference stress and ``pred`` holds stresses.
+    """
+    de = (pred["energy"] - ref["energy"]) / ref["num_atoms"] * 1000.0
+    df = (pred["forces"] - ref["forces"]).reshape(-1) * 1000.0
+    out = {
+        "n_structures": len(ref["energy"]),
+        "energy_mae_meV_per_atom": float(np.abs(de).mean()),
+        "energy_rmse_meV_per_atom": float(np.sqrt((de**2).mean())),
+        "forces_mae_meV_per_A": float(np.abs(df).mean()),
+        "forces_rmse_meV_per_A": float(np.sqrt((df**2).mean())),
+    }
+    if ref["stress_mask"].any() and pred.get("stress") is not None:
+        ds = (pred["stress"][ref["stress_mask"]] - ref["stress"]).reshape(-1) * 1000.0
+        out["stress_mae_meV_per_A3"] = float(np.abs(ds).mean())
+        out["stress_rmse_meV_per_A3"] = float(np.sqrt((ds**2).mean()))
+    return out
+
+
+# ---------------------------------------------------------------------------- methods
+class _Subject:
+    """The thing being trained: a module to call, its trained tensors and how to export it."""
+
+    method = ""
+
+    def __init__(self, module: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> None:
+        self.module = module
+        self.params = params
+        self.e0s: dict[int, float] | None = None
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, param in self.params.items():
+                param.copy_(state[key])
+
+    def set_e0s(self, e0s: dict[int, float] | None) -> None:
+        """Set the per-element energy correction (eV) on top of the base model's E0s."""
+        self.e0s = dict(e0s) if e0s else None
+
+
+class _MMEASubject(_Subject):
+    method = "mmea"
+
+    def __init__(self, model: AdaptedModel, name: str) -> None:
+        super().__init__(model, dict(model.named_adapter_parameters(name)))
+        self.name = name
+
+    def set_e0s(self, e0s: dict[int, float] | None) -> None:
+        super().set_e0s(e0s)
+        model = self.module
+        if hasattr(model, "set_adapter_e0s"):
+            model.set_adapter_e0s(self.name, self.e0s)
+        else:  # until AdaptedModel has a public setter
+            model._records[self.name].e0s = self.e0s
+            model._e0_cache.clear()
+
+    def export(self, out_dir: Path, environment: dict[str, Any], training: dict[str, Any]) -> None:
+        self.module.save_adapter(self.name, out_dir, environment=environment, training=training)
+
+    def result_model(self) -> torch.nn.Module:
+        return self.module
+
+
+class _WholeModelSubject(_Subject):
+    """``lora`` (mace-torch's LoRA wrappers) or ``full`` (every parameter of a copy)."""
+
+    def __init__(self, model: torch.nn.Module, method: str) -> None:
+        self.method = method
+        super().__init__(model, {k: p for k, p in model.named_parameters() if p.requires_grad})
+        self._base_e0s = model.atomic_energies_fn.atomic_energies.detach().clone()
+
+    def set_e0s(self, e0s: dict[int, float] | None) -> None:
+        """Fold the correction into ``atomic_energies`` (every head)."""
+        super().set_e0s(e0s)
+        buffer = self.module.atomic_energies_fn.atomic_energies
+        zs = [int(z) for z in self.module.atomic_numbers]
+        values = [(self.e0s or {}).get(z, 0.0) for z in zs]
+        delta = torch.tensor(values, dtype=buffer.dtype, device=buffer.device)
+        with torch.no_grad():
+            buffer.copy_(self._base_e0s + (delta if buffer.dim() == 1 else delta.unsqueeze(0)))
+
+    def result_model(self) -> torch.nn.Module:
+        model = self.module
+        if self.method == "lora":
+            from mace.modules.lora import merge_lora_weights
+
+            model = merge_lora_weights(model, inplace=False)
+        else:
+            model = copy.deepcopy(model)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
+
+    def export(self, out_dir: Path, environment: dict[str, Any], training: dict[str, Any]) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(self.result_model(), buffer)  # mace's own format: a pickled module
+        atomic_write_bytes(out_dir / MODEL_NAME, buffer.getvalue())
+
+
+def _make_subject(
+    model: AdaptedModel | torch.nn.Module,
+    config: TrainConfig,
+    name: str,
+    e0s: dict[int, float] | None,
+) -> _Subject:
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(config.seed)
+        if config.method == "mmea":
+            mmea = MMEAConfig(rank=config.rank, phi=config.phi, targets=config.targets)
+            model.add_adapter(name, mmea)
+            subject: _Subject = _MMEASubject(model, name)
+        else:
+            base = copy.deepcopy(model)
+            if config.method == "lora":
+                from mace.modules.lora import inject_LoRAs
+
+                inject_LoRAs(base, rank=config.rank, alpha=config.lora_alpha)
+            else:
+                for param in base.parameters():
+                    param.requires_grad_(True)
+            subject = _WholeModelSubject(base, config.method)
+    subject.set_e0s(e0s)
+    return subject
+
+
+# ---------------------------------------------------------------------------- inputs
+def _prepare_model(
+    model_or_base: Any, config: TrainConfig, name: str
+) -> AdaptedModel | torch.nn.Module:
+    """An AdaptedModel (``mmea``) or a frozen MACE base (``lora``/``full``)."""
+    if isinstance(model_or_base, AdaptedModel):
+        if config.method == "mmea":
+            if name in model_or_base.adapter_names:
+                raise ValueError(
+                    f"the model already holds an adapter named {name!r}; pick another name"
+                )
+            return model_or_base
+        if model_or_base.adapter_names:
+            raise ValueError(
+                f"method {config.method!r} fine-tunes the base itself: pass the bare base, "
+                f"not an AdaptedModel holding adapters {model_or_base.adapter_names}"
+            )
+        return model_or_base.base_model
+    base = load_base(model_or_base, device=config.device, dtype=config.dtype)
+    return AdaptedModel(base) if config.method == "mmea" else base
+
+
+def _labelled(
+    data: str | os.PathLike | Sequence[ase.Atoms],
+    keys: DataKeys | None,
+    atomic_numbers: Sequence[int],
+    what: str,
+) -> list[ase.Atoms]:
+    if isinstance(data, str | os.PathLike):
+        return read_structures(data, keys, atomic_numbers=atomic_numbers)
+    return label_structures(list(data), keys, atomic_numbers=atomic_numbers, source=what)
+
+
+def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    checkpoint = out_dir / _trainer.CHECKPOINT_NAME
+    if resume:
+        if not checkpoint.is_file():
+            raise OutputExistsError(
+                f"cannot resume: {str(checkpoint)!r} does not exist (start without resume)"
+            )
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output directory {str(out_dir)!r} is not empty; pass overwrite (--overwrite) to "
+            "replace its results or resume (--resume) to continue its run"
+        )
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    for name in OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- fit_adapter
+def fit_adapter(
+    model_or_base: AdaptedModel | torch.nn.Module | str | os.PathLike,
+    train: str | os.PathLike | Sequence[ase.Atoms],
+    valid: str | os.PathLike | Sequence[ase.Atoms] | None = None,
+    config: TrainConfig | None = None,
+    name: str | None = None,
+    *,
+    keys: DataKeys | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    callback: Callable[[dict[str, Any], torch.nn.Module], None] | None = None,
+) -> FitResult:
+    """Fine-tune a frozen MACE base on reference data with MMEA (or LoRA / full, to compare).
+
+    Args:
+        model_or_base: an :class:`~mmea_calc.AdaptedModel` (the adapter is added to it), a MACE
+            module, or a mace ``.model`` path.
+        train: labelled structures (see :class:`~mmea_calc.data.DataKeys`) or a file path.
+        valid: the same for validation; ``None`` splits ``config.valid_fraction`` off ``train``.
+        config: the hyper-parameters; default :class:`TrainConfig`.
+        name: adapter name; defaults to the output directory's name, else ``"adapter"``.
+        keys: where the reference values are in the structures.
+        out_dir: where results and the per-epoch checkpoint go (``None``: nothing is written).
+        resume: continue the run checkpointed in ``out_dir``.
+        overwrite: replace the results in a non-empty ``out_dir``.
+        callback: called as ``callback(record, module)`` after every epoch.
+
+    Returns:
+        A :class:`FitResult`; the trained tensors hold the best (EMA) weights on validation.
+
+    Raises:
+        DataError, UnsupportedElementError: bad data (nothing is written).
+        OutputExistsError: ``out_dir`` holds results and neither ``overwrite`` nor ``resume``.
+        KeyboardInterrupt: re-raised after the best result so far has been written.
+
+    Example:
+        >>> from mmea_calc.testing import build_tiny_mace, random_cluster
+        >>> from ase.calculators.emt import EMT
+        >>> data = [random_cluster(6, ("C", "O"), seed=s) for s in range(4)]
+        >>> for atoms in data:
+        ...     atoms.calc = EMT()
+        ...     atoms.info["REF_energy"] = atoms.get_potential_energy()
+        ...     atoms.arrays["REF_forces"] = atoms.get_forces()
+        >>> result = fit_adapter(build_tiny_mace(), data, config=TrainConfig(rank=2, epochs=2))
+        >>> result.method, result.epochs_completed, result.trainable_parameters > 0
+        ('mmea', 2, True)
+    """
+    config = config or TrainConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    name = name or (out.resolve().name if out is not None else "adapter")
+    if out is not None:
+        _check_out_dir(out, resume, overwrite)
+    elif resume:
+        raise ValueError("resume needs out_dir (where the checkpoint is)")
+    model = _prepare_model(model_or_base, config, name)
+    info = model.base_info if isinstance(model, AdaptedModel) else base_info(model)
+    zs = info["atomic_numbers"]
+    train_atoms = _labelled(train, keys, zs, "the training data")
+    if valid is None:
+        train_atoms, valid_atoms = split_structures(train_atoms, config.valid_fraction, config.seed)
+    else:
+        valid_atoms = _labelled(valid, keys, zs, "the validation data")
+    run = _trainer.Run(
+        config=config,
+        train_atoms=train_atoms,
+        valid_atoms=valid_atoms,
+        train_graphs=labelled_graphs(train_atoms, info),
+        valid_graphs=labelled_graphs(valid_atoms, info),
+        base=info,
+        hashes={"train": data_hash(train_atoms), "valid": data_hash(valid_atoms)},
+    )
+    state = _trainer.read_checkpoint(out, run) if resume else None
+    e0s = state.e0s if state is not None else _fit_e0s(model, run)
+    subject = _make_subject(model, config, name, e0s)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            _clear_outputs(out)
+    loop = _trainer.Loop(run, subject, out, state, callback)
+    try:
+        loop.train()
+    except KeyboardInterrupt:
+        logger.warning("interrupted: writing the best result so far")
+        _finish(loop, name, "interrupted")
+        raise
+    return _finish(loop, name, loop.status)
+
+
+def _fit_e0s(model: Any, run: _trainer.Run) -> dict[int, float] | None:
+    if not run.config.fit_e0s:
+        return None
+    base = model.base_model if isinstance(model, AdaptedModel) else model
+    pred = predict(base, run.train_graphs, batch_size=run.config.eval_batch_size, forces=False)
+    ref = reference_values(run.train_atoms)
+    e0s = fit_e0_correction(run.train_atoms, ref["energy"] - pred["energy"], run.config.e0_ridge)
+    shift = np.mean((ref["energy"] - pred["energy"]) / ref["num_atoms"]) * 1000
+    logger.info("E0 correction %s (mean base residual %.2f meV/atom)", e0s, shift)
+    return e0s
+
+
+def _finish(loop: _trainer.Loop, name: str, status: str) -> FitResult:
+    """Restore the best weights, measure them, write outputs; the :class:`FitResult`."""
+    run, subject = loop.run, loop.subject
+    loop.restore_best()
+    e0s = subject.e0s
+    metrics = {
+        "train": loop.evaluate(run.train_graphs, run.train_atoms),
+        "valid": loop.evaluate(run.valid_graphs, run.valid_atoms),
+    }
+    times = [h["seconds"] for h in loop.history]
+    summary = {
+        "method": subject.method,
+        "name": name,
+        "status": status,
+        "trainable_parameters": subject.trainable_parameters,
+        "epochs_completed": loop.epoch,
+        "best_epoch": loop.best_epoch,
+        "seconds_per_epoch": float(np.mean(times)) if times else math.nan,
+        "metrics": metrics,
+        "e0_correction": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
+        "data": {
+            "train_sha256": run.hashes["train"],
+            "valid_sha256": run.hashes["valid"],
+            "n_train": len(run.train_atoms),
+            "n_valid": len(run.valid_atoms),
+            "has_stress": has_stress(run.train_atoms),
+        },
+        "config": run.config.to_dict(),
+    }
+    if loop.out is not None and (loop.best_state is not None or status != "interrupted"):
+        environment = None
+        if subject.method == "mmea":
+            from mmea_calc.selection import describe_environment
+
+            environment = describe_environment(subject.module, run.train_atoms)
+        subject.export(loop.out, environment, summary)
+        full = dict(summary, base=run.base, history=loop.history)
+        from mmea_calc import __version__
+
+        full["mmea_calc_version"] = __version__
+        atomic_write_json(loop.out / TRAINING_NAME, _json_safe(full))
+    return FitResult(
+        method=subject.method,
+        name=name,
+        model=subject.result_model(),
+        trainable_parameters=subject.trainable_parameters,
+        metrics=metrics,
+        history=list(loop.history),
+        e0s=e0s,
+        best_epoch=loop.best_epoch,
+        epochs_completed=loop.epoch,
+        status=status,
+        seconds_per_epoch=summary["seconds_per_epoch"],
+        out_dir=loop.out,
+        summary=summary,
+    )
+
+
+def _json_safe(obj: Any) -> Any:
+    """A JSON-ready copy: NaN/inf become ``None``, numpy scalars plain numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
