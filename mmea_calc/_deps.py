@@ -7,7 +7,12 @@ takes ``mace`` and ``o3`` from here instead of importing e3nn itself.
 
 from __future__ import annotations
 
+import warnings
+
 import mace
-from e3nn import o3
+
+with warnings.catch_warnings():  # e3nn warns about the variable mace set; it is expected here
+    warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
+    from e3nn import o3
 
 __all__ = ["mace", "o3"]
