@@ -1,0 +1,432 @@
+"""``mmea-calc``: fine-tune, evaluate and inspect adapters from the command line.
+
+A thin layer over :func:`mmea_calc.train.fit_adapter`, :func:`mmea_calc.train.predict` and the
+adapter files. Bad input gives one line on stderr (``mmea-calc: error: ...``), exit code 2 and
+writes nothing. With ``--json`` on ``info`` (and ``eval --json -``) stdout holds exactly one JSON
+object: library and dependency chatter goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["build_parser", "main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+_METRIC_COLUMNS = [
+    ("energy", "E MAE", "E RMSE", "meV/atom"),
+    ("forces", "F MAE", "F RMSE", "meV/Å"),
+    ("stress", "S MAE", "S RMSE", "meV/Å³"),
+]
+_METRIC_KEYS = {
+    "energy": ("energy_mae_meV_per_atom", "energy_rmse_meV_per_atom"),
+    "forces": ("forces_mae_meV_per_A", "forces_rmse_meV_per_A"),
+    "stress": ("stress_mae_meV_per_A3", "stress_rmse_meV_per_A3"),
+}
+
+
+class CLIError(Exception):
+    """A bad command line (reported like library errors: one line, exit code 2)."""
+
+
+# ---------------------------------------------------------------------------- parser
+def _add_keys(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data keys (fall back to atoms.calc for REF_*/plain names)")
+    group.add_argument("--energy-key", default="REF_energy")
+    group.add_argument("--forces-key", default="REF_forces")
+    group.add_argument("--stress-key", default="REF_stress")
+
+
+def _add_finetune(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="train an adapter (or a LoRA / full fine-tune)")
+    p.add_argument("--base", required=True, help="base MACE model (.model file)")
+    p.add_argument("--train", required=True, help="training data (extxyz or any ASE format)")
+    p.add_argument("--valid", help="validation data (default: a seeded split of --train)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--name", help="adapter name (default: the output folder's name)")
+    p.add_argument("--method", default="mmea", choices=["mmea", "lora", "full"])
+    p.add_argument("--rank", type=int, default=16, help="MMEA or LoRA rank")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--batch-size", type=int, default=5)
+    p.add_argument("--energy-weight", type=float, default=1.0)
+    p.add_argument("--forces-weight", type=float, default=1000.0)
+    p.add_argument("--stress-weight", type=float, default=1.0)
+    p.add_argument("--valid-fraction", type=float, default=0.1)
+    p.add_argument("--patience", type=int, default=100, help="early-stopping patience (epochs)")
+    p.add_argument("--keep-base-e0s", action="store_true", help="do not fit an E0 correction")
+    _add_keys(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace results in --out")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="errors of a base model (with an adapter) on labelled data")
+    p.add_argument("--base", required=True, help="base MACE model (.model file)")
+    p.add_argument("--adapter", help="adapter directory (default: the bare base)")
+    p.add_argument("--data", required=True, help="labelled data (extxyz or any ASE format)")
+    _add_keys(p)
+    p.add_argument("--json", metavar="FILE", help="write the metrics as JSON ('-' for stdout)")
+    p.add_argument("--plot", metavar="FILE.png", help="write parity plots")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="describe an adapter, a finetune output or a base model")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=_cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mmea-calc`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="mmea-calc", description="MMEA adapters for frozen MACE models"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_finetune(sub)
+    _add_eval(sub)
+    _add_info(sub)
+    return parser
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mmea-calc``; returns the exit code.
+
+    Commands run with ``sys.stdout`` pointed away (mace prints while loading models; with
+    ``--verbose`` that goes to stderr); they write their output to the real stdout given to them.
+    """
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    stdout = sys.stdout
+    # library chatter on stdout is kept off our stdout; shown on stderr with --verbose
+    chatter = sys.stderr if args.verbose else io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import torch
+
+        from mmea_calc.errors import MmeaCalcError
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            return args.func(args, stdout)
+        except (MmeaCalcError, CLIError, ValueError, OSError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            print(f"mmea-calc: error: {message}", file=sys.stderr)
+            return EXIT_ERROR
+
+
+# ---------------------------------------------------------------------------- finetune
+def _progress(total: int) -> Any:
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def callback(record: dict[str, Any], module: Any) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(
+                total=total, initial=record["epoch"] - 1, unit="epoch", file=sys.stderr
+            )
+        bar, valid = state["bar"], record["valid"]
+        bar.set_postfix(
+            loss=f"{record['loss']:.3g}",
+            E=f"{valid['energy_mae_meV_per_atom']:.2f}",
+            F=f"{valid['forces_mae_meV_per_A']:.1f}",
+            best=record["best"],
+        )
+        bar.update(record["epoch"] - bar.n)
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].close()
+
+    callback.close = close  # type: ignore[attr-defined]
+    return callback
+
+
+def _cmd_finetune(args: argparse.Namespace, stdout: TextIO) -> int:
+    from mmea_calc.data import DataKeys
+    from mmea_calc.train import TrainConfig, fit_adapter
+
+    config = TrainConfig(
+        method=args.method,
+        rank=args.rank,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        energy_weight=args.energy_weight,
+        forces_weight=args.forces_weight,
+        stress_weight=args.stress_weight,
+        valid_fraction=args.valid_fraction,
+        patience=args.patience,
+        fit_e0s=not args.keep_base_e0s,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    name = args.name or out.resolve().name.replace(".", "_")
+    keys = DataKeys(args.energy_key, args.forces_key, args.stress_key)
+    progress = _progress(args.epochs)
+    try:
+        result = fit_adapter(
+            args.base, args.train, args.valid, config, name, keys=keys, out_dir=out,
+            resume=args.resume, overwrite=args.overwrite, callback=progress,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        progress.close()
+        print(
+            f"mmea-calc: interrupted; the best result so far is in {str(out)!r} "
+            "(continue with --resume)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    progress.close()
+    print(_summary_table(result), file=stdout)
+    return 0
+
+
+def _metrics_table(rows: dict[str, dict[str, float]]) -> str:
+    present = [c for c in _METRIC_COLUMNS if any(_METRIC_KEYS[c[0]][0] in r for r in rows.values())]
+    header = f"{'':8s}" + "".join(f"{c[1]:>10s}{c[2]:>10s}" for c in present)
+    lines = [header]
+    for label, metrics in rows.items():
+        cells = "".join(
+            f"{metrics[_METRIC_KEYS[c[0]][0]]:10.3f}{metrics[_METRIC_KEYS[c[0]][1]]:10.3f}"
+            for c in present
+        )
+        lines.append(f"{label:8s}{cells}")
+    lines.append("units: " + ", ".join(f"{c[0]} {c[3]}" for c in present))
+    return "\n".join(lines)
+
+
+def _summary_table(result: Any) -> str:
+    head = (
+        f"method {result.method}  name {result.name!r}  trainable parameters "
+        f"{result.trainable_parameters:,}  status {result.status}  best epoch "
+        f"{result.best_epoch}/{result.epochs_completed}  {result.seconds_per_epoch:.2f} s/epoch"
+    )
+    return "\n".join([head, _metrics_table(result.metrics), f"output: {result.out_dir}"])
+
+
+# ---------------------------------------------------------------------------- eval
+def _check_writable(path: str | None, suffix: str | None = None) -> None:
+    if path is None or path == "-":
+        return
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
+    if suffix and Path(path).suffix.lower() != suffix:
+        raise CLIError(f"--plot needs a {suffix} file name, got {path!r}")
+
+
+def _eval_model(args: argparse.Namespace) -> Any:
+    from mmea_calc import AdaptedModel, load_base
+    from mmea_calc.errors import AdapterFormatError
+
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    if not args.adapter:
+        return base
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file() and (adapter / "model.model").is_file():
+        raise AdapterFormatError(
+            f"{args.adapter!r} is a lora/full fine-tune output, not an adapter; evaluate it "
+            f"with --base {str(adapter / 'model.model')!r}"
+        )
+    model = AdaptedModel(base)
+    model.load_adapter(adapter)
+    return model
+
+
+def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
+    from mmea_calc.data import DataKeys, has_stress, labelled_graphs, read_structures
+    from mmea_calc.data import reference_values as refs
+    from mmea_calc.io import atomic_write_json
+    from mmea_calc.train import error_metrics, predict
+
+    _check_writable(args.json)
+    _check_writable(args.plot, ".png")
+    keys = DataKeys(args.energy_key, args.forces_key, args.stress_key)
+    model = _eval_model(args)
+    info = getattr(model, "base_info", None) or _base_info(model)
+    data = read_structures(args.data, keys, atomic_numbers=info["atomic_numbers"])
+    graphs = labelled_graphs(data, info)
+    pred = predict(model, graphs, batch_size=args.batch_size, stress=has_stress(data))
+    ref = refs(data)
+    metrics = error_metrics(pred, ref)
+    if args.plot:
+        _parity_plot(args.plot, pred, ref)
+    table = _metrics_table({"data": metrics}) + f"\nstructures: {metrics['n_structures']}"
+    if args.json == "-":
+        print(table, file=sys.stderr)
+        print(json.dumps(metrics, sort_keys=True), file=stdout)
+        return 0
+    if args.json:
+        atomic_write_json(args.json, metrics)
+    print(table, file=stdout)
+    return 0
+
+
+def _base_info(model: Any) -> dict[str, Any]:
+    from mmea_calc.base import base_info
+
+    return base_info(model)
+
+
+def _parity_plot(path: str, pred: dict[str, Any], ref: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from mmea_calc.io import atomic_write_bytes
+
+    fig = Figure(figsize=(9, 4.2))
+    panels = [
+        (
+            pred["energy"] / ref["num_atoms"],
+            ref["energy"] / ref["num_atoms"],
+            "energy (eV/atom)",
+        ),
+        (pred["forces"].reshape(-1), ref["forces"].reshape(-1), "force component (eV/Å)"),
+    ]
+    for index, (p, r, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, index + 1)
+        ax.scatter(r, p, s=4, alpha=0.5)
+        lo, hi = float(min(r.min(), p.min())), float(max(r.max(), p.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel(f"reference {label}")
+        ax.set_ylabel(f"predicted {label}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------- info
+def _cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
+    info = describe_path(args.path)
+    if args.json:
+        print(json.dumps(info, sort_keys=True), file=stdout)
+        return 0
+    print(_info_text(info), file=stdout)
+    return 0
+
+
+def _info_text(info: dict[str, Any]) -> str:
+    lines = []
+    for key in ("path", "kind", "method", "name", "rank", "trainable_parameters", "fingerprint"):
+        if info.get(key) is not None:
+            lines.append(f"{key:22s}{info[key]}")
+    lines.append(f"{'elements':22s}{' '.join(info.get('elements') or [])}")
+    targets = info.get("targets") or []
+    if targets:
+        lines.append(f"{'targets':22s}{len(targets)}: {', '.join(targets)}")
+    training = info.get("training") or {}
+    for key in ("status", "epochs_completed", "best_epoch", "seconds_per_epoch"):
+        if training.get(key) is not None:
+            lines.append(f"{key:22s}{training[key]}")
+    if training.get("metrics"):
+        lines.append(_metrics_table(training["metrics"]))
+    return "\n".join(lines)
+
+
+def describe_path(path: str) -> dict[str, Any]:
+    """What ``mmea-calc info`` reports for an adapter dir, a finetune dir or a base model."""
+    import ase.data
+
+    from mmea_calc.errors import AdapterFormatError
+
+    target = Path(path)
+    if not target.exists():
+        raise CLIError(f"{path!r} does not exist")
+    training_file = target / "training.json"
+    training = json.loads(training_file.read_text()) if training_file.is_file() else None
+    if target.is_dir() and (target / "adapter_config.json").is_file():
+        info = _describe_adapter(target)
+    elif target.is_dir() and training is not None and (target / "model.model").is_file():
+        info = _describe_model(target / "model.model", kind="finetune")
+        info.update(method=training["method"], name=training.get("name"))
+        info["trainable_parameters"] = training["trainable_parameters"]
+        info["rank"] = training["config"]["rank"] if training["method"] == "lora" else None
+        info["base_fingerprint"] = training.get("base", {}).get("fingerprint")
+    elif target.is_file():
+        info = _describe_model(target, kind="base")
+    else:
+        raise AdapterFormatError(
+            f"{path!r} holds neither an adapter (adapter_config.json) nor a finetune result "
+            "(training.json + model.model)"
+        )
+    if training is not None:
+        info["training"] = {k: v for k, v in training.items() if k not in ("history", "base")}
+    info["path"] = str(target)
+    info["elements"] = [ase.data.chemical_symbols[z] for z in info.pop("atomic_numbers")]
+    return info
+
+
+def _describe_adapter(directory: Path) -> dict[str, Any]:
+    from mmea_calc.io import read_adapter_dir
+
+    cfg, tensors = read_adapter_dir(directory)
+    environment = cfg.get("environment") or {}
+    return {
+        "kind": "adapter",
+        "method": cfg["method"],
+        "name": cfg.get("name"),
+        "rank": cfg["rank"],
+        "phi": cfg["phi"],
+        "trainable_parameters": int(sum(t.numel() for t in tensors.values())),
+        "targets": list(cfg["targets"]),
+        "fingerprint": cfg["base"]["fingerprint"],
+        "base": cfg["base"],
+        "atomic_numbers": environment.get("atomic_numbers", cfg["base"]["atomic_numbers"]),
+        "e0s": cfg.get("e0s"),
+        "training": cfg.get("training"),
+    }
+
+
+def _describe_model(path: Path, kind: str) -> dict[str, Any]:
+    from mmea_calc import load_base
+    from mmea_calc.base import base_info
+
+    model = load_base(path)
+    info = base_info(model)
+    return {
+        "kind": kind,
+        "method": "base",
+        "trainable_parameters": 0,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "fingerprint": info["fingerprint"],
+        "atomic_numbers": info["atomic_numbers"],
+        "base": info,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
