@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_VERSION = 1
 RESUMABLE = ("epochs", "patience", "device", "eval_batch_size")
+IMPROVEMENT = 1e-4  # relative drop of the validation criterion that counts as better
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -404,7 +405,7 @@ class Loop:
                 self._refit_e0s()
             metrics = self.evaluate(self.run.valid_graphs, self.run.valid_atoms)
             criterion = self._criterion(metrics)
-            improved = criterion < self.best_criterion
+            improved = criterion < self.best_criterion * (1.0 - IMPROVEMENT)
             if improved:
                 self.best_state = self.subject.snapshot()
                 self.best_e0s = self.subject.e0s

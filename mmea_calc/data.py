@@ -130,6 +130,8 @@ class DataKeys:
 
 def _lookup(atoms: ase.Atoms, quantity: str, key: str) -> np.ndarray | None:
     store = atoms.arrays if quantity == "forces" else atoms.info
+    if LABEL_KEYS[quantity] in store:  # already labelled by this module
+        key = LABEL_KEYS[quantity]
     if key in store and store[key] is not None:
         return np.asarray(store[key], dtype=np.float64)
     default = getattr(DataKeys(), quantity)
