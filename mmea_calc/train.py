@@ -98,6 +98,11 @@ class TrainConfig:
         fit_e0s: fit a per-element energy correction to the base model's residual.
         e0_ridge: ridge strength of that fit (see :func:`~mmea_calc.data.fit_e0_correction`).
         seed, device, dtype: reproducibility and placement (``dtype`` converts a loaded base).
+
+    Example:
+        >>> config = TrainConfig(method="lora", rank=4, epochs=60)
+        >>> config.forces_weight, config.amsgrad
+        (1000.0, True)
     """
 
     method: str = "mmea"
@@ -166,6 +171,10 @@ class FitResult:
         e0s: the fitted per-element energy correction (eV by atomic number), or ``None``.
         best_epoch, epochs_completed, status: ``status`` is ``"complete"``, ``"early-stopped"``
             or ``"interrupted"``.
+
+    Example (``result`` from the :func:`fit_adapter` example)::
+
+        result.metrics["valid"]["forces_mae_meV_per_A"], result.trainable_parameters
     """
 
     method: str

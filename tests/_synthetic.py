@@ -22,11 +22,17 @@ def teacher(std: float = 0.3, seed: int = 1) -> AdaptedModel:
 
 
 def label(model: torch.nn.Module, structures: list[ase.Atoms], shift_per_atom: float = 0.0):
-    """Write REF_energy/REF_forces from ``model`` (energy shifted by a constant per atom)."""
+    """Write REF_energy/REF_forces (and REF_stress for periodic structures) from ``model``.
+
+    The energy is shifted by ``shift_per_atom`` times the number of atoms.
+    """
     for atoms in structures:
-        out = evaluate(model, [atoms])
+        periodic = bool(atoms.pbc.all())
+        out = evaluate(model, [atoms], compute_stress=periodic)
         atoms.info["REF_energy"] = float(out["energy"].detach()[0]) + shift_per_atom * len(atoms)
         atoms.arrays["REF_forces"] = out["forces"].detach().numpy().astype(np.float64)
+        if periodic:
+            atoms.info["REF_stress"] = out["stress"].detach()[0].numpy().astype(np.float64)
     return structures
 
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import ase.io
 import numpy as np
@@ -194,3 +196,26 @@ def test_existing_output_needs_overwrite(files, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "keep me"  # only our own files are replaced
     assert main(["info", str(out)]) == 0
     assert "mmea" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigint_writes_the_best_adapter_so_far(files, tmp_path):
+    from mmea_calc import AdaptedModel
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "mmea_calc.cli", "--threads", "1", "finetune"]
+    argv += ["--base", files["base"], "--train", files["train"], "--valid", files["valid"]]
+    argv += ["--out", str(out), "--rank", "4", "--epochs", "1000", "--batch-size", "7"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    training = json.loads((out / "training.json").read_text())
+    assert training["status"] == "interrupted" and 1 <= training["epochs_completed"] < 1000
+    model = AdaptedModel(build_tiny_mace())
+    assert model.load_adapter(out) == "run"  # a complete, valid adapter directory

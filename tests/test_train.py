@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mmea_calc import AdaptedModel, fingerprint
 from mmea_calc.data import label_structures, labelled_graphs, reference_values
 from mmea_calc.errors import DataError
-from mmea_calc.testing import build_tiny_mace
+from mmea_calc.testing import build_tiny_mace, random_cluster
 from mmea_calc.train import (
     OutputExistsError,
     TrainConfig,
@@ -180,6 +180,20 @@ def test_constant_shift_per_atom_is_learned_without_leftover_offset(method):
     kept = fit_adapter(build_tiny_mace(), train, valid, keep)
     assert kept.e0s is None
     assert abs(_mean_energy_error_per_atom(kept.model, valid)) > 20.0
+
+
+def test_stress_is_trained_when_present_even_in_mixed_batches():
+    boxes = [random_cluster(10, cell=6.0, seed=s) for s in range(8)]
+    molecules = [random_cluster(7, seed=40 + s) for s in range(6)]
+    structures = label(teacher(), boxes + molecules)
+    train = structures[:5] + structures[8:12]  # batches mix periodic boxes and molecules
+    valid = structures[5:8] + structures[12:]
+    config = TrainConfig(rank=4, epochs=3, lr=1e-2, batch_size=3, stress_weight=10.0)
+    result = fit_adapter(build_tiny_mace(), train, valid, config)
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    first, last = result.history[0]["valid"], result.metrics["valid"]
+    assert "stress_mae_meV_per_A3" in last and np.isfinite(last["stress_mae_meV_per_A3"])
+    assert last["stress_rmse_meV_per_A3"] < first["stress_rmse_meV_per_A3"]
 
 
 def test_early_stopping_and_output_protection(data, tmp_path):
