@@ -426,7 +426,8 @@ def fit_adapter(
         train: labelled structures (see :class:`~mmea_calc.data.DataKeys`) or a file path.
         valid: the same for validation; ``None`` splits ``config.valid_fraction`` off ``train``.
         config: the hyper-parameters; default :class:`TrainConfig`.
-        name: adapter name; defaults to the output directory's name, else ``"adapter"``.
+        name: adapter name; defaults to the output directory's name (``.`` becomes ``_``), else
+            ``"adapter"``.
         keys: where the reference values are in the structures.
         out_dir: where results and the per-epoch checkpoint go (``None``: nothing is written).
         resume: continue the run checkpointed in ``out_dir``.
@@ -455,7 +456,7 @@ def fit_adapter(
     """
     config = config or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
-    name = name or (out.resolve().name if out is not None else "adapter")
+    name = name or (out.resolve().name.replace(".", "_") if out is not None else "adapter")
     if out is not None:
         _check_out_dir(out, resume, overwrite)
     elif resume:
