@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -16,6 +17,7 @@ from mmea_calc.cli import main
 from mmea_calc.testing import build_tiny_mace, random_cluster
 from mmea_calc.train import TrainConfig, fit_adapter
 
+ROOT = Path(__file__).resolve().parents[1]  # subprocesses import mmea_calc from the checkout
 METRIC_KEYS = {
     "n_structures",
     "energy_mae_meV_per_atom",
@@ -144,6 +146,7 @@ def test_info_json_stdout_is_clean_in_a_fresh_process(files):
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)  # the whole of stdout is one JSON object
@@ -206,7 +209,9 @@ def test_sigint_writes_the_best_adapter_so_far(files, tmp_path):
     argv = [sys.executable, "-m", "mmea_calc.cli", "--threads", "1", "finetune"]
     argv += ["--base", files["base"], "--train", files["train"], "--valid", files["valid"]]
     argv += ["--out", str(out), "--rank", "4", "--epochs", "1000", "--batch-size", "7"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.safetensors").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
