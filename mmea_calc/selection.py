@@ -174,8 +174,8 @@ class AdapterSelector:
             raise ValueError(f"on_unknown={on_unknown!r} is not valid; use 'error' or 'base'")
         self.model = model
         self.on_unknown = on_unknown
-        self.select = select
         self._cache: dict[tuple, Choice] = {}
+        self.select = select
 
     @property
     def select(self) -> Select:

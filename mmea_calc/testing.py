@@ -5,6 +5,8 @@ Everything here is seeded and built in-process: no downloads, no files.
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,21 +36,52 @@ def build_tiny_mace(
     atomic_numbers: Sequence[int] = (1, 6, 8),
     r_max: float = 4.0,
     num_interactions: int = 2,
+    pair_repulsion: bool = False,
     dtype: str | torch.dtype = torch.float64,
     seed: int = 0,
 ) -> torch.nn.Module:
     """A small, randomly initialised (seeded) MACE or ScaleShiftMACE.
+
+    ``pair_repulsion=True`` adds mace's ZBL term, giving the random model a repulsive core so
+    that relaxations (cell relaxations above all) have a finite-volume minimum. Models are built
+    once per argument set and deep-copied (building takes seconds); the global RNG is untouched.
 
     Example:
         >>> model = build_tiny_mace("4x0e", residual=False, scale_shift=False)
         >>> type(model).__name__, str(model.products[0].linear.irreps_out)
         ('MACE', '4x0e')
     """
-    torch.manual_seed(seed)
+    dtype_name = str(dtype).replace("torch.", "")
+    return copy.deepcopy(
+        _build_tiny_mace(
+            hidden_irreps,
+            residual,
+            scale_shift,
+            tuple(int(z) for z in atomic_numbers),
+            float(r_max),
+            int(num_interactions),
+            bool(pair_repulsion),
+            dtype_name,
+            int(seed),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _build_tiny_mace(
+    hidden_irreps: str,
+    residual: bool,
+    scale_shift: bool,
+    atomic_numbers: tuple[int, ...],
+    r_max: float,
+    num_interactions: int,
+    pair_repulsion: bool,
+    dtype: str,
+    seed: int,
+) -> torch.nn.Module:
     blocks = modules.interaction_classes
-    inter = blocks[
-        "RealAgnosticResidualInteractionBlock" if residual else "RealAgnosticInteractionBlock"
-    ]
+    name = "RealAgnosticResidualInteractionBlock" if residual else "RealAgnosticInteractionBlock"
+    inter = blocks[name]
     rng = np.random.default_rng(seed)
     kwargs: dict[str, Any] = dict(
         r_max=r_max,
@@ -67,17 +100,18 @@ def build_tiny_mace(
         atomic_numbers=list(atomic_numbers),
         correlation=3,
         radial_MLP=[16, 16],
+        pair_repulsion=pair_repulsion,
     )
     # mace builds buffers (e.g. Clebsch-Gordan U matrices) in the default dtype: scope it.
-    with torch_tools.default_dtype(dtype if isinstance(dtype, torch.dtype) else str(dtype)):
+    with torch.random.fork_rng(), torch_tools.default_dtype(dtype):
+        torch.manual_seed(seed)
         if scale_shift:
             model = modules.ScaleShiftMACE(atomic_inter_scale=1.3, atomic_inter_shift=0.1, **kwargs)
         else:
             model = modules.MACE(**kwargs)
-        # random non-trivial weights beyond the default init: products and readouts too
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "weights" in name and "symmetric" in name:
+        with torch.no_grad():  # non-trivial symmetric-contraction weights, not just the init
+            for pname, param in model.named_parameters():
+                if "weights" in pname and "symmetric" in pname:
                     param.normal_(0.0, 0.5)
     return model.eval()
 

@@ -1,0 +1,231 @@
+"""MMEACalculator: an ASE calculator serving a frozen MACE base with per-environment adapters."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import ase
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from mmea_calc.base import load_base
+from mmea_calc.data import atoms_to_graph, check_atoms, collate
+from mmea_calc.model import AdaptedModel
+from mmea_calc.selection import TAG_KEY, AdapterSelector, Choice, Select
+
+__all__ = ["MMEACalculator"]
+
+logger = logging.getLogger(__name__)
+
+AdapterSpec = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
+
+
+def _adapter_items(adapters: AdapterSpec) -> list[tuple[str | None, Path]]:
+    if isinstance(adapters, str | os.PathLike):
+        return [(None, Path(adapters))]
+    if isinstance(adapters, Mapping):
+        return [(str(name), Path(path)) for name, path in adapters.items()]
+    return [(None, Path(path)) for path in adapters]
+
+
+class MMEACalculator(Calculator):
+    """Energies, forces and stresses from a frozen MACE base plus swappable MMEA adapters.
+
+    Args:
+        base: a mace ``.model`` file, a loaded MACE module, or an :class:`~mmea_calc.AdaptedModel`
+            (used as is, with the adapters it holds).
+        adapters: adapter directories (a path, a list, or ``{name: path}``); all must match the
+            base model's fingerprint.
+        select: ``"auto"`` (by elements, then descriptor router), an adapter name, ``None`` or
+            ``"base"`` for the bare base, or a callable ``atoms -> name | None``.
+            ``atoms.info["mmea_adapter"]`` overrides it per structure.
+        device: torch device.
+        default_dtype: ``"float64"`` (default, for MD and relaxations) or ``"float32"``.
+        on_unknown: ``"error"`` or ``"base"`` when no adapter covers a structure's elements.
+
+    ``results["adapter"]`` names the adapter that served the last calculation (``None`` for the
+    base), ``results["adapter_distance"]`` the router's out-of-domain score when auto selection ran.
+
+    Example:
+        >>> from ase.build import molecule
+        >>> from mmea_calc import AdaptedModel, MMEAConfig
+        >>> from mmea_calc.testing import build_tiny_mace
+        >>> model = AdaptedModel(build_tiny_mace())
+        >>> model.add_adapter("demo", MMEAConfig(rank=4))
+        >>> atoms = molecule("H2O")
+        >>> atoms.calc = MMEACalculator(model, select="demo")
+        >>> forces = atoms.get_forces()
+        >>> atoms.calc.results["adapter"], forces.shape
+        ('demo', (3, 3))
+    """
+
+    implemented_properties: ClassVar[list[str]] = [
+        "energy",
+        "free_energy",
+        "energies",
+        "forces",
+        "stress",
+    ]
+
+    def __init__(
+        self,
+        base: str | os.PathLike | torch.nn.Module,
+        adapters: AdapterSpec = (),
+        select: Select = "auto",
+        device: str = "cpu",
+        default_dtype: str = "float64",
+        on_unknown: str = "error",
+        **kwargs: Any,
+    ) -> None:
+        Calculator.__init__(self, **kwargs)
+        if isinstance(base, AdaptedModel):
+            self.model = base.to(device=device, dtype=_dtype(default_dtype))
+        else:
+            self.model = AdaptedModel(load_base(base, device=device, dtype=default_dtype))
+        for name, path in _adapter_items(adapters):
+            self.model.load_adapter(path, name=name, set_active=False)
+        self.selector = AdapterSelector(self.model, select=select, on_unknown=on_unknown)
+        self.device = torch.device(device)
+        self.dtype = self.model.dtype
+
+    # ------------------------------------------------------------------ selection
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.model.adapter_names
+
+    def set_adapter(self, name: str | None) -> None:
+        """Serve every structure with adapter ``name`` (``None``/``"base"``: the bare base)."""
+        self.selector.select = name
+        self.reset()
+
+    def reselect(self) -> None:
+        """Forget sticky automatic choices (and cached results)."""
+        self.selector.reselect()
+        self.reset()
+
+    def choose(self, atoms: ase.Atoms) -> Choice:
+        """The adapter this calculator would use for ``atoms``."""
+        check_atoms(atoms, self.model.base_info["atomic_numbers"])
+        return self.selector.choose(atoms)
+
+    def check_state(self, atoms: ase.Atoms, tol: float = 1e-15) -> list[str]:
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and atoms.info.get(TAG_KEY) != self.atoms.info.get(TAG_KEY):
+            changes.append("info")
+        return changes
+
+    # ------------------------------------------------------------------ evaluation
+    def _run(
+        self, atoms_list: Sequence[ase.Atoms], choices: Sequence[Choice], stress: bool
+    ) -> dict[str, np.ndarray]:
+        info = self.model.base_info
+        graphs = [atoms_to_graph(a, info, check=False) for a in atoms_list]
+        data = collate(graphs, dtype=self.dtype, device=self.device)
+        names = [c.name for c in choices]
+        if len(set(names)) == 1:
+            self.model.set_adapter(names[0])
+        else:
+            self.model.route(data, names)
+        out = self.model(data, compute_stress=stress, training=False)
+        result = {
+            "energy": out["energy"].detach().cpu().to(torch.float64).numpy(),
+            "energies": out["node_energy"].detach().cpu().to(torch.float64).numpy(),
+            "forces": out["forces"].detach().cpu().to(torch.float64).numpy(),
+            "ptr": data["ptr"].cpu().numpy(),
+        }
+        if stress:
+            result["stress"] = out["stress"].detach().cpu().to(torch.float64).numpy()
+        return result
+
+    @staticmethod
+    def _results_of(raw: dict[str, np.ndarray], i: int, choice: Choice) -> dict[str, Any]:
+        start, stop = raw["ptr"][i], raw["ptr"][i + 1]
+        energy = float(raw["energy"][i])
+        results: dict[str, Any] = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": raw["energies"][start:stop].copy(),
+            "forces": raw["forces"][start:stop].copy(),
+            "adapter": choice.name,
+            "adapter_distance": choice.distance,
+        }
+        if "stress" in raw:
+            results["stress"] = full_3x3_to_voigt_6_stress(raw["stress"][i])
+        return results
+
+    def _check_stress(self, atoms: ase.Atoms, properties: Sequence[str], where: str = "") -> bool:
+        periodic = bool(atoms.pbc.all())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError(
+                f"stress needs a 3-D periodic cell{where}; pbc is {atoms.pbc.tolist()}"
+            )
+        return periodic
+
+    def calculate(
+        self,
+        atoms: ase.Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
+        Calculator.calculate(self, atoms, properties, system_changes)
+        choice = self.choose(self.atoms)
+        stress = self._check_stress(self.atoms, properties)
+        raw = self._run([self.atoms], [choice], stress)
+        self.results = self._results_of(raw, 0, choice)
+
+    def calculate_batch(
+        self,
+        atoms_list: Sequence[ase.Atoms],
+        properties: Sequence[str] = ("energy", "forces"),
+        max_atoms: int = 4096,
+    ) -> list[dict[str, Any]]:
+        """Evaluate many structures, each with its own adapter, in few forward passes.
+
+        Structures are packed into batches of at most ``max_atoms`` atoms (a larger structure
+        gets a batch of its own); within a batch, nodes are routed to their structure's adapter.
+        Returns one result dict per structure, as :attr:`results` would hold after a single call.
+        """
+        unknown = set(properties) - set(self.implemented_properties)
+        if unknown:
+            raise PropertyNotImplementedError(
+                f"properties {sorted(unknown)} are not implemented; valid: "
+                f"{self.implemented_properties}"
+            )
+        choices = []
+        for i, atoms in enumerate(atoms_list):
+            self._check_stress(atoms, properties, where=f" (structure {i})")
+            choices.append(self.choose(atoms))
+        results: list[dict[str, Any]] = []
+        for chunk in _chunks([len(a) for a in atoms_list], max_atoms):
+            group = [atoms_list[i] for i in chunk]
+            stress = all(a.pbc.all() for a in group)
+            raw = self._run(group, [choices[i] for i in chunk], stress)
+            results += [self._results_of(raw, j, choices[i]) for j, i in enumerate(chunk)]
+        return results
+
+
+def _chunks(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if current and total + size > max_atoms:
+            chunks.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _dtype(name: str) -> torch.dtype:
+    from mmea_calc.base import resolve_dtype
+
+    return resolve_dtype(name)

@@ -1,0 +1,275 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.build import bulk
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.filters import FrechetCellFilter
+from ase.md.velocitydistribution import thermalize_momenta
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS
+
+from mmea_calc import AdaptedModel, MMEAConfig
+from mmea_calc.calculator import MMEACalculator
+from mmea_calc.errors import (
+    AdapterNotFoundError,
+    BaseModelMismatchError,
+    InvalidStructureError,
+    NoCandidateAdapterError,
+    UnsupportedElementError,
+)
+from mmea_calc.selection import describe_environment
+from mmea_calc.testing import build_tiny_mace, random_cluster, random_rotation, randomize_adapter
+
+
+def adapted(names=("a",), seed=0, **base_kw):
+    model = AdaptedModel(build_tiny_mace(**base_kw))
+    for i, name in enumerate(names):
+        model.add_adapter(name, MMEAConfig(rank=4), set_active=False)
+        randomize_adapter(model, name, std=0.1, seed=seed + i)
+    return model
+
+
+def box(seed=1, n=10, side=5.0):
+    return random_cluster(n, cell=side, seed=seed, min_distance=1.1)
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_forces_and_stress_match_finite_differences(periodic):
+    atoms = box() if periodic else random_cluster(10, seed=2, density=0.1)
+    atoms.calc = MMEACalculator(adapted(), select="a")
+    forces = atoms.get_forces()
+    assert atoms.calc.results["energies"].sum() == pytest.approx(atoms.get_potential_energy())
+    assert np.abs(forces).max() > 1e-3  # non-trivial forces, so the check can fail
+    np.testing.assert_allclose(forces, calculate_numerical_forces(atoms, eps=1e-4), atol=1e-6)
+    if periodic:
+        stress = atoms.get_stress()
+        assert np.abs(stress).max() > 1e-4
+        np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, eps=1e-5), atol=1e-7)
+    else:
+        with pytest.raises(PropertyNotImplementedError, match="3-D periodic"):
+            atoms.get_stress()
+
+
+def test_mixed_boundary_conditions():
+    atoms = box(seed=4)
+    atoms.pbc = [True, True, False]
+    atoms.calc = MMEACalculator(adapted(), select="a")
+    np.testing.assert_allclose(
+        atoms.get_forces(), calculate_numerical_forces(atoms, eps=1e-4), atol=1e-6
+    )
+
+
+def _nve_max_error(dt_fs, steps):
+    atoms = box(seed=3, n=8, side=5.5)
+    atoms.calc = MMEACalculator(adapted(seed=5), select="a")
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, timestep=dt_fs * units.fs)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    dyn.run(steps)
+    energies = np.asarray(energies)
+    return np.abs(energies - energies[0]).max(), atoms.get_kinetic_energy()
+
+
+def test_nve_md_conserves_energy():
+    # Velocity Verlet is symplectic: the total-energy error stays bounded and scales as dt^2
+    # (no drift). At 0.5 fs over 200 steps it must stay under 1 meV per atom, and halving the
+    # step must cut it about 4x; non-conservative forces would drift instead of scaling so.
+    err_1, kinetic = _nve_max_error(0.5, 200)
+    err_half, _ = _nve_max_error(0.25, 400)
+    assert kinetic > 0.05  # atoms really move
+    assert err_1 < 1e-3 * 8
+    assert 2.5 < err_1 / err_half < 6.0
+
+
+def test_bfgs_and_cell_relaxation_converge():
+    # ZBL pair repulsion gives the random tiny model a repulsive core, hence a finite minimum
+    model = adapted(pair_repulsion=True)
+    atoms = random_cluster(6, seed=7, density=0.05)
+    atoms.calc = MMEACalculator(model, select="a")
+    assert BFGS(atoms, logfile=None).run(fmax=0.01, steps=300)
+    assert np.linalg.norm(atoms.get_forces(), axis=1).max() < 0.01
+    crystal = bulk("C", "diamond", a=3.6)
+    crystal.rattle(0.05, seed=1)
+    crystal.calc = MMEACalculator(model, select="a")
+    start_volume = crystal.get_volume()
+    cell_filter = FrechetCellFilter(crystal)
+    assert BFGS(cell_filter, logfile=None).run(fmax=0.01, steps=300)
+    assert np.linalg.norm(cell_filter.get_forces(), axis=1).max() < 0.01
+    assert crystal.get_volume() != pytest.approx(start_volume, rel=1e-3)  # the cell moved
+
+
+def test_swap_matches_fresh_calculators_and_never_leaks():
+    model = adapted(("a", "b"))
+    atoms = box(seed=9)
+    fresh = {}
+    for name in ("a", "b", None):
+        probe = atoms.copy()
+        probe.calc = MMEACalculator(adapted(("a", "b")), select=name)
+        fresh[name] = (probe.get_potential_energy(), probe.get_forces(), probe.get_stress())
+    assert abs(fresh["a"][0] - fresh["b"][0]) > 1e-6
+    atoms.calc = calc = MMEACalculator(model, select="a")
+    for name in ("a", "b", "a", None, "b"):
+        calc.set_adapter(name)
+        assert atoms.get_potential_energy() == fresh[name][0]
+        np.testing.assert_array_equal(atoms.get_forces(), fresh[name][1])
+        np.testing.assert_array_equal(atoms.get_stress(), fresh[name][2])
+        assert calc.results["adapter"] == name
+
+
+def test_base_only_equals_mace_calculator(tmp_path):
+    from mace.calculators import MACECalculator
+
+    path = tmp_path / "tiny.model"
+    torch.save(build_tiny_mace(dtype=torch.float32), path)
+    atoms = box(seed=11, n=12)
+    ours = MMEACalculator(str(path), select=None, default_dtype="float64")
+    theirs = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+    ours.calculate(atoms, ["energy", "forces", "stress"])
+    theirs.calculate(atoms, ["energy", "forces", "stress"])
+    assert abs(ours.results["energy"] - theirs.results["energy"]) <= 1e-10
+    np.testing.assert_allclose(ours.results["forces"], theirs.results["forces"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ours.results["stress"], theirs.results["stress"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ours.results["energies"], theirs.results["energies"], atol=1e-10)
+
+
+def _with_env(model, name, structures):
+    model.adapter_metadata(name)["environment"] = describe_environment(model, structures)
+
+
+def test_auto_selection_by_elements_and_router(caplog):
+    model = adapted(("hc", "ho", "gas", "dense"))
+    _with_env(model, "hc", [random_cluster(8, ("H", "C"), seed=s) for s in range(4)])
+    _with_env(model, "ho", [random_cluster(8, ("H", "O"), seed=s) for s in range(4)])
+    calc = MMEACalculator(model)
+    assert calc.choose(random_cluster(8, ("H", "C"), seed=20)).name == "hc"
+    assert calc.choose(random_cluster(8, ("H", "O"), seed=20)).name == "ho"
+    # elements covered by no adapter: a clear error, or the base with a warning
+    with pytest.raises(NoCandidateAdapterError, match=r"\['C', 'H', 'O'\].*'hc': \['H', 'C'\]"):
+        calc.choose(random_cluster(9, ("H", "C", "O"), seed=1))
+    fallback = MMEACalculator(model, on_unknown="base")
+    with caplog.at_level(logging.WARNING):
+        assert fallback.choose(random_cluster(9, ("H", "C", "O"), seed=1)).name is None
+    assert "running the bare base model" in caplog.text
+
+    # same elements, different structure: gas-phase clusters vs a dense periodic phase
+    _with_env(model, "gas", [random_cluster(6, ("H", "C"), density=0.02, seed=s) for s in range(8)])
+    _with_env(model, "dense", [box(seed=s, n=16, side=5.0) for s in range(8)])
+    for key in ("hc", "ho"):
+        model.adapter_metadata(key)["environment"] = None
+    calc = MMEACalculator(model)
+    gas = random_cluster(6, ("H", "C"), density=0.02, seed=50)
+    dense = box(seed=50, n=16, side=5.0)
+    dense.numbers = np.where(dense.numbers == 8, 6, dense.numbers)
+    gas_choice, dense_choice = calc.choose(gas), calc.choose(dense)
+    assert (gas_choice.name, dense_choice.name) == ("gas", "dense")
+    assert gas_choice.reason == "router" and gas_choice.distance > 0
+
+    # invariant to rotation, translation and atom order (fresh choice each time)
+    for variant in _variants(dense):
+        calc.reselect()
+        assert calc.choose(variant).name == "dense"
+    dense.calc = calc
+    dense.get_potential_energy()
+    assert calc.results["adapter"] == "dense" and calc.results["adapter_distance"] > 0
+
+
+def _variants(atoms):
+    q = random_rotation(3)
+    rotated = atoms.copy()
+    rotated.set_positions(atoms.get_positions() @ q.T)
+    rotated.set_cell(np.asarray(atoms.get_cell()) @ q.T)
+    moved = atoms.copy()
+    moved.translate([1.0, -2.0, 0.5])
+    perm = np.random.default_rng(1).permutation(len(atoms))
+    return [rotated, moved, atoms[perm]]
+
+
+def test_choice_is_sticky_tag_and_callable():
+    model = adapted(("a", "b"))
+    calc = MMEACalculator(model)  # auto, but no environments: only tags/callables can choose
+    atoms = box(seed=2)
+    atoms.info["mmea_adapter"] = "b"
+    atoms.calc = calc
+    e_b = atoms.get_potential_energy()
+    assert calc.results["adapter"] == "b"
+    atoms.info["mmea_adapter"] = "a"  # a tag change invalidates cached results
+    assert atoms.get_potential_energy() != e_b and calc.results["adapter"] == "a"
+    calc = MMEACalculator(model, select=lambda at: "b" if len(at) > 5 else None)
+    assert calc.choose(box(n=6)).name == "b" and calc.choose(box(n=4)).name is None
+    # sticky: once chosen for (numbers, pbc), the environment description no longer matters
+    _with_env(model, "a", [box(seed=s) for s in range(3)])
+    auto = MMEACalculator(model)
+    first = auto.choose(atoms_without_tag := box(seed=5))
+    model.adapter_metadata("a")["environment"] = None
+    assert auto.choose(atoms_without_tag).name == first.name == "a"
+    auto.reselect()
+    with pytest.raises(NoCandidateAdapterError):
+        auto.choose(atoms_without_tag)
+
+
+def test_calculate_batch_equals_single_calls():
+    model = adapted(("a", "b"))
+    structures = [box(seed=s, n=6 + s) for s in range(6)] + [
+        random_cluster(7, seed=s) for s in range(3)
+    ]
+    for i, atoms in enumerate(structures):
+        atoms.info["mmea_adapter"] = ["a", "b", "base"][i % 3]
+    calc = MMEACalculator(model)
+    for max_atoms in (4096, 20):  # one pass, then several
+        batch = calc.calculate_batch(
+            structures, properties=("energy", "forces"), max_atoms=max_atoms
+        )
+        assert len(batch) == len(structures)
+        for atoms, res in zip(structures, batch, strict=True):
+            single = MMEACalculator(model)
+            single.calculate(atoms, ["energy", "forces"])
+            assert res["adapter"] == single.results["adapter"]
+            assert res["energy"] == pytest.approx(single.results["energy"], abs=1e-10)
+            np.testing.assert_allclose(res["forces"], single.results["forces"], atol=1e-10)
+    with pytest.raises(PropertyNotImplementedError, match="structure 6"):
+        calc.calculate_batch(structures, properties=("energy", "stress"))
+
+
+def test_bad_input_gives_typed_errors(tmp_path):
+    calc = MMEACalculator(adapted(), select="a")
+    with pytest.raises(UnsupportedElementError, match=r"\['Fe'\].*knows \['H', 'C', 'O'\]"):
+        calc.calculate(Atoms("FeH", positions=[[0, 0, 0], [1.5, 0, 0]]), ["energy"])
+    nan = box()
+    nan.positions[2, 1] = np.nan
+    with pytest.raises(InvalidStructureError, match=r"atoms \[2\]"):
+        calc.calculate(nan, ["energy"])
+    with pytest.raises(InvalidStructureError, match="empty"):
+        calc.calculate(Atoms(), ["energy"])
+    flat = Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [0, 0, 0]])
+    flat.pbc = True
+    with pytest.raises(InvalidStructureError, match="cell"):
+        calc.calculate(flat, ["energy"])
+    with pytest.raises(AdapterNotFoundError, match=r"loaded adapters: \['a'\]"):
+        calc.set_adapter("water")
+    with pytest.raises(AdapterNotFoundError):
+        MMEACalculator(adapted(), select="water")
+    other = adapted(seed=3)
+    other.save_adapter("a", tmp_path / "a")
+    with pytest.raises(BaseModelMismatchError):
+        MMEACalculator(build_tiny_mace(seed=7), adapters=[tmp_path / "a"])
+
+
+def test_adapters_from_directories(tmp_path):
+    model = adapted(("a", "b"))
+    model.save_adapter("a", tmp_path / "first")
+    model.save_adapter("b", tmp_path / "second")
+    calc = MMEACalculator(build_tiny_mace(), adapters={"x": tmp_path / "first"}, select="x")
+    calc2 = MMEACalculator(build_tiny_mace(), adapters=[tmp_path / "first", tmp_path / "second"])
+    assert calc.adapter_names == ["x"] and calc2.adapter_names == ["a", "b"]
+    atoms = box()
+    calc.calculate(atoms, ["energy"])
+    ref = MMEACalculator(model, select="a")
+    ref.calculate(atoms, ["energy"])
+    assert calc.results["energy"] == ref.results["energy"]
