@@ -16,6 +16,7 @@ __all__ = [
     "InvalidStructureError",
     "MmeaCalcError",
     "NoCandidateAdapterError",
+    "OutputExistsError",
     "TargetError",
     "UnsupportedElementError",
 ]
@@ -62,6 +63,10 @@ class InvalidStructureError(MmeaCalcError, ValueError):
 
 class NoCandidateAdapterError(MmeaCalcError, LookupError):
     """Automatic selection found no adapter whose elements cover the structure."""
+
+
+class OutputExistsError(MmeaCalcError, FileExistsError):
+    """The output directory already holds results (pass ``overwrite`` or ``resume``)."""
 
 
 class DataError(MmeaCalcError, ValueError):

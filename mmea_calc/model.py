@@ -144,6 +144,12 @@ class AdaptedModel(torch.nn.Module):
         """Per-element energy corrections (eV, by atomic number) the adapter adds, if any."""
         return self._record(name).e0s
 
+    def set_adapter_e0s(self, name: str, e0s: Mapping[int, float] | None) -> None:
+        """Set (or clear, with ``None``) the per-element energy corrections of an adapter."""
+        record = self._record(name)
+        record.e0s = {int(z): float(v) for z, v in e0s.items()} if e0s else None
+        self._e0_cache = {k: v for k, v in self._e0_cache.items() if k[0] != name}
+
     def _record(self, name: str) -> _AdapterRecord:
         if name not in self._records:
             raise AdapterNotFoundError(

@@ -44,7 +44,7 @@ from mmea_calc.data import (
     reference_values,
     split_structures,
 )
-from mmea_calc.errors import MmeaCalcError
+from mmea_calc.errors import OutputExistsError
 from mmea_calc.io import atomic_write_bytes, atomic_write_json
 from mmea_calc.model import AdaptedModel, MMEAConfig
 
@@ -70,10 +70,6 @@ OUTPUT_FILES = (
     MODEL_NAME,
     _trainer.CHECKPOINT_NAME,
 )
-
-
-class OutputExistsError(MmeaCalcError, FileExistsError):
-    """The output directory already holds results (pass ``overwrite`` or ``resume``)."""
 
 
 @dataclass
@@ -268,12 +264,7 @@ class _MMEASubject(_Subject):
 
     def set_e0s(self, e0s: dict[int, float] | None) -> None:
         super().set_e0s(e0s)
-        model = self.module
-        if hasattr(model, "set_adapter_e0s"):
-            model.set_adapter_e0s(self.name, self.e0s)
-        else:  # until AdaptedModel has a public setter
-            model._records[self.name].e0s = self.e0s
-            model._e0_cache.clear()
+        self.module.set_adapter_e0s(self.name, self.e0s)
 
     def export(self, out_dir: Path, environment: dict[str, Any], training: dict[str, Any]) -> None:
         self.module.save_adapter(self.name, out_dir, environment=environment, training=training)
