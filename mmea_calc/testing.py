@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,7 +104,12 @@ def _build_tiny_mace(
         pair_repulsion=pair_repulsion,
     )
     # mace builds buffers (e.g. Clebsch-Gordan U matrices) in the default dtype: scope it.
-    with torch.random.fork_rng(), torch_tools.default_dtype(dtype):
+    with (
+        torch.random.fork_rng(),
+        torch_tools.default_dtype(dtype),
+        warnings.catch_warnings(),  # e3nn's TorchScript codegen chatter while building
+    ):
+        warnings.filterwarnings("ignore", message="The TorchScript type system")
         torch.manual_seed(seed)
         if scale_shift:
             model = modules.ScaleShiftMACE(atomic_inter_scale=1.3, atomic_inter_shift=0.1, **kwargs)
