@@ -1,0 +1,249 @@
+"""Inference cost of MMEA adapters, measured side by side with mace-torch's own calculator.
+
+Base model: ``../shared/assets/models/mace-spice-small.model`` (skips with a message when absent).
+Measures, in one process and interleaved so machine noise hits both sides alike:
+
+* per-step time (energy + forces + stress) of MMEACalculator with a rank-16 adapter vs
+  ``mace.calculators.MACECalculator`` on liquid-water boxes of ~30, ~200 and ~1000 atoms;
+* forward+backward (energy and forces) of AdaptedModel vs the bare base on a ~100-atom box;
+* adapter switch latency vs building a new MACECalculator from the file;
+* ``calculate_batch`` over 64 small molecules and 2 adapters vs 64 single calls;
+* memory per extra loaded adapter.
+
+Usage::
+
+    python benchmarks/speed.py --threads 2 --out benchmarks/results/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT.parent / "shared" / "assets" / "models" / "mace-spice-small.model"
+WATER_VOLUME = 29.9  # Å^3 per H2O at 1 g/cm^3
+
+
+def water_box(n_molecules: int, seed: int = 0):
+    """``n_molecules`` randomly oriented H2O on a cubic grid at liquid density (periodic)."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    rng = np.random.default_rng(seed)
+    k = int(np.ceil(n_molecules ** (1 / 3)))
+    side = (n_molecules * WATER_VOLUME) ** (1 / 3)
+    spacing = side / k
+    atoms = Atoms(cell=[side] * 3, pbc=True)
+    sites = [(i, j, m) for i in range(k) for j in range(k) for m in range(k)]
+    for index in rng.permutation(len(sites))[:n_molecules]:
+        h2o = molecule("H2O")
+        h2o.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        h2o.translate((np.asarray(sites[index]) + 0.5) * spacing)
+        atoms += h2o
+    atoms.wrap()
+    return atoms
+
+
+def small_molecules(n: int):
+    """``n`` gas-phase molecules of H, C, N, O from ASE's g2 set (cycled, rattled)."""
+    from ase.build import molecule
+    from ase.collections import g2
+
+    names = sorted(n for n in g2.names if set(molecule(n).symbols) <= {"H", "C", "N", "O"})
+    out = []
+    for i in range(n):
+        atoms = molecule(names[i % len(names)])
+        atoms.rattle(0.02, seed=i)
+        out.append(atoms)
+    return out
+
+
+def _timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def per_step(mmea, mace, atoms, repeats):
+    """Interleaved per-step medians (s) of the two calculators on ``atoms``."""
+    props = ["energy", "forces", "stress"]
+    rng = np.random.default_rng(0)
+    ours, theirs = [], []
+    for i in range(repeats + 2):
+        probe = atoms.copy()
+        probe.positions += rng.normal(scale=0.01, size=probe.positions.shape)
+        pair = [(mmea, ours), (mace, theirs)] if i % 2 == 0 else [(mace, theirs), (mmea, ours)]
+        for calc, bucket in pair:
+            start = time.perf_counter()
+            calc.calculate(probe, props)
+            if i >= 2:  # warm-up
+                bucket.append(time.perf_counter() - start)
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def forward_backward(model, atoms, repeats):
+    """Median time (s) of energy+forces of AdaptedModel with its adapter vs with none."""
+    from mmea_calc.data import atoms_to_graph, collate
+
+    data = collate([atoms_to_graph(atoms, model.base_info)], dtype=model.dtype)
+    name = model.adapter_names[0]
+    adapted, bare = [], []
+    for i in range(repeats + 2):
+        for which in (name, None) if i % 2 == 0 else (None, name):
+            model.set_adapter(which)
+            start = time.perf_counter()
+            out = model(dict(data), compute_stress=False)
+            out["forces"].sum().item()
+            if i >= 2:
+                (adapted if which else bare).append(time.perf_counter() - start)
+    return statistics.median(adapted), statistics.median(bare)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096 / 2**20
+
+
+def run(args) -> dict:
+    import torch
+    from mace.calculators import MACECalculator
+
+    from mmea_calc import AdaptedModel, MMEACalculator, MMEAConfig, load_base
+    from mmea_calc.testing import randomize_adapter
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="mmea-speed-"))
+    model = AdaptedModel(load_base(MODEL, dtype="float64"))
+    for i, name in enumerate(("water", "organic")):
+        model.add_adapter(name, MMEAConfig(rank=16))
+        randomize_adapter(model, name, std=0.1, seed=i)
+        model.save_adapter(name, tmp / name)
+    n_params = model.num_trainable_parameters("water")
+    results: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "adapter": {
+            "rank": 16,
+            "trainable_parameters": n_params,
+            "base_parameters": sum(p.numel() for p in model.base_model.parameters()),
+        },
+    }
+    mmea = MMEACalculator(str(MODEL), adapters=[tmp / "water", tmp / "organic"], select="water")
+    mace = MACECalculator(model_paths=str(MODEL), device="cpu", default_dtype="float64")
+
+    rows = []
+    for n_mol, repeats in (
+        (10, args.repeats),
+        (67, args.repeats),
+        (333, max(args.repeats // 3, 5)),
+    ):
+        atoms = water_box(n_mol)
+        ours, theirs = per_step(mmea, mace, atoms, repeats)
+        rows.append(
+            {
+                "atoms": len(atoms),
+                "mmea_ms": 1e3 * ours,
+                "mace_ms": 1e3 * theirs,
+                "ratio": ours / theirs,
+                "repeats": repeats,
+            }
+        )
+        print(
+            f"per step {len(atoms):5d} atoms: MMEA {1e3 * ours:8.2f} ms, "
+            f"MACE {1e3 * theirs:8.2f} ms, ratio {ours / theirs:.3f}",
+            file=sys.stderr,
+        )
+    results["per_step"] = rows
+
+    fb_adapted, fb_bare = forward_backward(model, water_box(33), args.repeats)
+    results["forward_backward_99_atoms"] = {
+        "adapted_ms": 1e3 * fb_adapted,
+        "bare_ms": 1e3 * fb_bare,
+        "ratio": fb_adapted / fb_bare,
+    }
+
+    switch = _timed(lambda: (mmea.set_adapter("organic"), mmea.set_adapter("water")), 1000)
+    build = _timed(
+        lambda: MACECalculator(model_paths=str(MODEL), device="cpu", default_dtype="float64"), 5
+    )
+    results["switch"] = {
+        "set_adapter_us": 1e6 * statistics.median(switch) / 2,
+        "new_mace_calculator_ms": 1e3 * statistics.median(build),
+    }
+    results["switch"]["ratio"] = (results["switch"]["set_adapter_us"] / 1e3) / results["switch"][
+        "new_mace_calculator_ms"
+    ]
+
+    molecules = small_molecules(64)
+    for i, atoms in enumerate(molecules):
+        atoms.info["mmea_adapter"] = ("water", "organic")[i % 2]
+    auto = MMEACalculator(str(MODEL), adapters=[tmp / "water", tmp / "organic"])
+    auto.calculate_batch(molecules[:4])  # warm-up
+    batch_t, single_t = [], []
+    for _ in range(args.batch_repeats):
+        start = time.perf_counter()
+        auto.calculate_batch(molecules)
+        batch_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for atoms in molecules:
+            auto.calculate(atoms, ["energy", "forces"])
+        single_t.append(time.perf_counter() - start)
+    results["batch_64_molecules"] = {
+        "atoms": sum(len(a) for a in molecules),
+        "batch_s": statistics.median(batch_t),
+        "single_s": statistics.median(single_t),
+        "throughput_ratio": statistics.median(single_t) / statistics.median(batch_t),
+    }
+
+    before = _rss_mb()
+    extra = AdaptedModel(load_base(MODEL, dtype="float64"))
+    base_rss = _rss_mb() - before
+    before = _rss_mb()
+    for i in range(20):
+        extra.add_adapter(f"extra{i}", MMEAConfig(rank=16))
+    results["memory"] = {
+        "adapter_tensor_kib": n_params * 8 / 1024,
+        "rss_per_adapter_kib": 1024 * (_rss_mb() - before) / 20,
+        "rss_base_model_mib": base_rss,
+    }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch-repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/speed.json"))
+    args = parser.parse_args(argv)
+    if not MODEL.is_file():
+        print(f"skipping: shared asset {MODEL} is absent", file=sys.stderr)
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):  # mace prints on stdout when building
+        results = run(args)
+    results["command"] = "python benchmarks/speed.py " + " ".join(argv or sys.argv[1:])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
