@@ -127,6 +127,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="mmea-speed-"))
     model = AdaptedModel(load_base(MODEL, dtype="float64"))
+    base_parameters = sum(p.numel() for p in model.base_model.parameters())  # before adapters
     for i, name in enumerate(("water", "organic")):
         model.add_adapter(name, MMEAConfig(rank=16))
         randomize_adapter(model, name, std=0.1, seed=i)
@@ -142,7 +143,7 @@ def run(args) -> dict:
         "adapter": {
             "rank": 16,
             "trainable_parameters": n_params,
-            "base_parameters": sum(p.numel() for p in model.base_model.parameters()),
+            "base_parameters": base_parameters,
         },
     }
     mmea = MMEACalculator(str(MODEL), adapters=[tmp / "water", tmp / "organic"], select="water")
@@ -212,16 +213,14 @@ def run(args) -> dict:
         "throughput_ratio": statistics.median(single_t) / statistics.median(batch_t),
     }
 
-    before = _rss_mb()
     extra = AdaptedModel(load_base(MODEL, dtype="float64"))
-    base_rss = _rss_mb() - before
     before = _rss_mb()
     for i in range(20):
         extra.add_adapter(f"extra{i}", MMEAConfig(rank=16))
     results["memory"] = {
         "adapter_tensor_kib": n_params * 8 / 1024,
         "rss_per_adapter_kib": 1024 * (_rss_mb() - before) / 20,
-        "rss_base_model_mib": base_rss,
+        "base_tensor_kib": base_parameters * 8 / 1024,
     }
     return results
 
