@@ -49,7 +49,12 @@ def predict(
     forces: bool = True,
     stress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Batched energies/forces/stresses as float64 numpy arrays."""
+    """Energies ``[n]`` (eV), forces ``[n_atoms, 3]`` and stresses ``[n, 3, 3]`` of graphs.
+
+    ``module`` is a MACE model or an :class:`~mmea_calc.AdaptedModel`; graphs come from
+    :func:`~mmea_calc.data.atoms_to_graph` / :func:`~mmea_calc.data.labelled_graphs`. Results
+    are float64 numpy arrays.
+    """
     device, dtype = _device_dtype(module)
     energy, force, stresses = [], [], []
     for start in range(0, len(graphs), batch_size):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mmea_calc import _trainer
+from mmea_calc._trainer import predict
 from mmea_calc.base import base_info, load_base, resolve_dtype
 from mmea_calc.data import (
     DataKeys,
@@ -189,22 +190,6 @@ class FitResult:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def predict(
-    module: torch.nn.Module,
-    graphs: Sequence[Any],
-    *,
-    batch_size: int = 16,
-    forces: bool = True,
-    stress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Energies ``[n]`` (eV), forces ``[n_atoms, 3]`` and stresses ``[n, 3, 3]`` of graphs.
-
-    ``module`` is a MACE model or an :class:`~mmea_calc.AdaptedModel`; graphs come from
-    :func:`~mmea_calc.data.atoms_to_graph` / :func:`~mmea_calc.data.labelled_graphs`.
-    """
-    return _trainer.predict(module, graphs, batch_size=batch_size, forces=forces, stress=stress)
-
-
 def error_metrics(pred: dict[str, np.ndarray], ref: dict[str, Any]) -> dict[str, float]:
     """MAE and RMSE of energy per atom (meV/atom), force components (meV/Å), stress (meV/Å³).
 

@@ -4,6 +4,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 warnings.filterwarnings("ignore", message=".*TorchScript type system.*")
 
@@ -17,6 +18,15 @@ MODEL_KINDS = {
     "l1-residual-scaleshift": ("8x0e+8x1o", True, True),
     "scalar-plain-mace": ("8x0e", False, False),
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=sorted(MODEL_KINDS))
