@@ -1,0 +1,388 @@
+"""GFN2-xTB reference data for the embedded base model and its two environment adapters.
+
+Three sets, each split train/valid/test (seeded), written as extxyz with ``REF_energy`` (eV),
+``REF_forces`` (eV/Å), ``REF_stress`` (periodic cells only; ASE Voigt order, eV/Å³) and
+``config_type``:
+
+* ``base``: gas-phase, closed-shell molecules of ``ase.collections.g2`` made only of H, C, N, O,
+  plus water clusters (dimer..hexamer, pre-relaxed with xTB), displaced at several temperatures
+  (independent Gaussian displacements, width ``0.025 Å * sqrt(T / 300 K)``, 1.3x for H);
+* ``water``: periodic boxes of 32 H2O at 1 g/cm³ sampled with ASE's rigid TIP3P model (RATTLE
+  bond constraints, Langevin MD at 300 K and 350 K), then given thermal intramolecular
+  displacements and a random isotropic compression/expansion of up to 3 % (for stress);
+* ``aspirin``: aspirin sampled hot with GFN2-xTB Langevin MD at 600 K and 800 K (0.5 fs steps).
+
+Every sampled geometry is labelled with GFN2-xTB through ``tblite`` (``pip install tblite``, works
+offline). Frames whose SCF fails are dropped and counted. The test splits of the two environments
+are also copied to ``mmea_calc/embedded/data/`` (the held-out frames shipped with the package).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets base --out data
+    OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets water aspirin --out data
+    python scripts/make_xtb_data.py --quick --out /tmp/xtb-quick   # a few frames of each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms, units
+from ase.build import molecule
+from ase.calculators.tip3p import TIP3P, angleHOH, rOH
+from ase.collections import g2
+from ase.constraints import FixBondLengths
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.optimize import BFGS
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_DATA = ROOT / "mmea_calc" / "embedded" / "data"
+ELEMENTS = set("HCNO")
+SPLITS = ("train", "valid", "test")
+WATER_VOLUME = 29.91  # Å^3 per H2O at 1 g/cm^3
+
+#: aspirin starting geometry (Å; the first frame of rMD17's aspirin set, geometry only — it is
+#: re-optimised with GFN2-xTB before sampling, and every label here is our own).
+ASPIRIN = """\
+C 2.21980801 -0.41692091 0.23932280
+C 0.75781203 1.97394771 -0.15946657
+C 2.85121599 0.80674557 0.45246548
+C 2.13949274 1.96156144 0.12320392
+C -3.58676876 0.46086798 -0.01797197
+C 0.83210286 -0.53083021 -0.04480604
+C 0.10574839 0.66218309 -0.21157102
+O -0.89399542 -2.12603161 -0.50643944
+O -1.80096314 1.35559036 1.32618608
+O 1.29261459 -2.79600262 -0.41076854
+C 0.30528815 -1.89351306 -0.34766192
+C -2.08806353 0.80560647 0.27959149
+O -1.16498184 0.51585772 -0.67991803
+H 1.03803893 -3.72623539 -0.55691877
+H 2.81016449 -1.35980257 0.45603959
+H 0.18013378 2.87746337 -0.11178026
+H 3.81913943 0.88022978 0.86798957
+H 2.70220388 2.87129739 0.41480985
+H -4.19310200 0.10857690 0.82530876
+H -4.01741766 1.39669120 -0.46925264
+H -3.72708349 -0.25458631 -0.85660884
+"""
+
+
+# ---------------------------------------------------------------------------- labelling
+def xtb():
+    """A fresh GFN2-xTB calculator (quiet)."""
+    from tblite.ase import TBLite
+
+    return TBLite(method="GFN2-xTB", verbosity=0, max_iterations=300)
+
+
+def label(atoms: Atoms, config_type: str, **info) -> Atoms | None:
+    """A clean copy of ``atoms`` with GFN2-xTB energy, forces (and stress); None if SCF fails."""
+    out = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    work = out.copy()
+    work.calc = xtb()
+    try:
+        energy = work.get_potential_energy()
+        forces = work.get_forces()
+        stress = work.get_stress(voigt=True) if out.pbc.all() else None
+    except Exception as exc:  # tblite raises a plain RuntimeError when the SCF fails
+        print(f"  dropped a {config_type} frame: {str(exc).splitlines()[0][:100]}")
+        return None
+    out.info["REF_energy"] = float(energy)
+    out.arrays["REF_forces"] = np.asarray(forces, dtype=float)
+    if stress is not None:
+        out.info["REF_stress"] = np.asarray(stress, dtype=float)
+    out.info["config_type"] = config_type
+    out.info.update(info)
+    return out
+
+
+def from_results(atoms: Atoms, config_type: str, **info) -> Atoms:
+    """A clean labelled copy of ``atoms`` from the results its xTB calculator already holds."""
+    out = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    out.info["REF_energy"] = float(atoms.get_potential_energy())
+    out.arrays["REF_forces"] = np.asarray(atoms.get_forces(), dtype=float)
+    out.info["config_type"] = config_type
+    out.info.update(info)
+    return out
+
+
+def label_all(frames: list[tuple[Atoms, str, dict]], what: str) -> list[Atoms]:
+    start = time.perf_counter()
+    out = []
+    for i, (atoms, config_type, info) in enumerate(frames):
+        labelled = label(atoms, config_type, **info)
+        if labelled is not None:
+            out.append(labelled)
+        if (i + 1) % 50 == 0:
+            print(f"  {what}: labelled {i + 1}/{len(frames)} ({time.perf_counter() - start:.0f} s)")
+    seconds = time.perf_counter() - start
+    print(f"{what}: {len(out)}/{len(frames)} frames labelled in {seconds:.1f} s")
+    return out
+
+
+def rattle(atoms: Atoms, temperature: float, rng: np.random.Generator) -> Atoms:
+    """Independent Gaussian displacements of width ``0.025 Å sqrt(T/300 K)`` (1.3x for H)."""
+    sigma = 0.025 * np.sqrt(temperature / 300.0) * np.where(atoms.numbers == 1, 1.3, 1.0)
+    out = atoms.copy()
+    out.positions += rng.normal(size=(len(atoms), 3)) * sigma[:, None]
+    return out
+
+
+def relax(atoms: Atoms, fmax: float, steps: int) -> Atoms:
+    work = Atoms(atoms.numbers, atoms.positions)
+    work.calc = xtb()
+    BFGS(work, logfile=None).run(fmax=fmax, steps=steps)
+    return Atoms(work.numbers, work.positions)
+
+
+# ---------------------------------------------------------------------------- base set
+def g2_molecules() -> list[tuple[str, Atoms]]:
+    """Closed-shell g2 molecules made only of H, C, N, O (at least two atoms)."""
+    out = []
+    for name in g2.names:
+        atoms = g2[name]
+        closed = not atoms.get_initial_magnetic_moments().any() and atoms.numbers.sum() % 2 == 0
+        if len(atoms) > 1 and set(atoms.get_chemical_symbols()) <= ELEMENTS and closed:
+            out.append((name, Atoms(atoms.numbers, atoms.positions)))
+    return out
+
+
+def water_cluster(n: int, rng: np.random.Generator) -> Atoms:
+    """``n`` randomly oriented H2O, each O 2.7-3.1 Å from an earlier O and >= 2.6 Å from all."""
+    cluster = Atoms()
+    centres: list[np.ndarray] = []
+    while len(centres) < n:
+        if centres:
+            anchor = centres[rng.integers(len(centres))]
+            direction = rng.normal(size=3)
+            candidate = anchor + direction / np.linalg.norm(direction) * rng.uniform(2.7, 3.1)
+            if min(np.linalg.norm(candidate - c) for c in centres) < 2.6:
+                continue
+        else:
+            candidate = np.zeros(3)
+        water = molecule("H2O")
+        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        water.translate(candidate - water[0].position)
+        cluster += water
+        centres.append(candidate)
+    return cluster
+
+
+def base_frames(rng: np.random.Generator, quick: bool) -> list[tuple[Atoms, str, dict]]:
+    temperatures = (300.0, 600.0, 900.0, 1200.0)
+    per_temperature = 1 if quick else 2
+    molecules = g2_molecules()[: 4 if quick else None]
+    frames = []
+    for name, atoms in molecules:
+        frames.append((atoms, "base_molecule", {"source": name, "temperature_K": 0.0}))
+        for temperature in temperatures:
+            for _ in range(per_temperature):
+                info = {"source": name, "temperature_K": temperature}
+                frames.append((rattle(atoms, temperature, rng), "base_molecule", info))
+    starts = 1 if quick else 2
+    for n in range(2, 7):
+        for start in range(starts):
+            cluster = relax(water_cluster(n, rng), fmax=0.1, steps=8 if quick else 60)
+            source = f"water_cluster_{n}_{start}"
+            frames.append((cluster, "water_cluster", {"source": source, "temperature_K": 0.0}))
+            for temperature in (100.0, 200.0, 300.0, 450.0, 600.0, 800.0)[: 2 if quick else 6]:
+                info = {"source": source, "temperature_K": temperature}
+                frames.append((rattle(cluster, temperature, rng), "water_cluster", info))
+    print(f"base: {len(molecules)} g2 molecules, {5 * starts} water clusters, {len(frames)} frames")
+    return frames
+
+
+# ---------------------------------------------------------------------------- liquid water
+def water_box(n_molecules: int, rng: np.random.Generator) -> Atoms:
+    """TIP3P-geometry H2O (ordered O, H, H) on a jittered cubic grid at 1 g/cm^3, periodic."""
+    side = (n_molecules * WATER_VOLUME) ** (1 / 3)
+    per_side = int(np.ceil(n_molecules ** (1 / 3)))
+    spacing = side / per_side
+    half = np.radians(angleHOH) / 2
+    template = np.array(
+        [
+            [0, 0, 0],
+            [rOH * np.sin(half), rOH * np.cos(half), 0],
+            [-rOH * np.sin(half), rOH * np.cos(half), 0],
+        ]
+    )
+    grid = [np.array(ijk) for ijk in np.ndindex(per_side, per_side, per_side)]
+    chosen = rng.choice(len(grid), size=n_molecules, replace=False)
+    box = Atoms(cell=[side] * 3, pbc=True)
+    for index in sorted(chosen):
+        water = Atoms("OH2", positions=template)
+        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        water.translate((grid[index] + 0.5) * spacing + rng.uniform(-0.2, 0.2, size=3))
+        box += water
+    return box
+
+
+def tip3p_trajectory(
+    n_molecules: int, temperature: float, n_frames: int, rng: np.random.Generator, quick: bool
+) -> list[Atoms]:
+    """Frames of rigid TIP3P water (RATTLE constraints) from Langevin MD, 1 fs steps."""
+    atoms = water_box(n_molecules, rng)
+    pairs = [(3 * i + j, 3 * i + (j + 1) % 3) for i in range(n_molecules) for j in range(3)]
+    atoms.constraints = FixBondLengths(pairs, tolerance=1e-10)
+    side = atoms.cell.lengths()[0]
+    atoms.calc = TIP3P(rc=min(4.5, side / 2 - 0.2), width=1.0)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    Stationary(atoms)
+    seed = int(rng.integers(2**31))
+    dyn = Langevin(
+        atoms,
+        1.0 * units.fs,
+        temperature_K=temperature,
+        friction=0.02,
+        rng=np.random.default_rng(seed),
+    )
+    dyn.run(50 if quick else 2000)  # equilibrate
+    frames = []
+    for _ in range(n_frames):
+        dyn.run(5 if quick else 50)
+        frames.append(Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True))
+    return frames
+
+
+def flex(box: Atoms, temperature: float, rng: np.random.Generator) -> Atoms:
+    """Thermal intramolecular displacements and an isotropic strain of the molecule centres."""
+    out = rattle(box, temperature, rng)
+    scale = rng.uniform(0.97, 1.03)
+    positions = out.positions.reshape(-1, 3, 3)
+    centres = positions[:, :1, :]
+    out.positions = (positions - centres + centres * scale).reshape(-1, 3)
+    out.set_cell(box.cell * scale, scale_atoms=False)
+    out.wrap()
+    return out
+
+
+def water_frames(
+    rng: np.random.Generator, quick: bool, n_frames: int
+) -> list[tuple[Atoms, str, dict]]:
+    n_molecules = 8 if quick else 32
+    frames = []
+    for temperature in (300.0, 350.0):
+        trajectory = tip3p_trajectory(n_molecules, temperature, n_frames // 2, rng, quick)
+        for box in trajectory:
+            info = {"source": f"tip3p_{n_molecules}", "temperature_K": temperature}
+            frames.append((flex(box, temperature, rng), "liquid_water", info))
+    return frames
+
+
+# ---------------------------------------------------------------------------- hot aspirin
+def aspirin_frames(rng: np.random.Generator, quick: bool, n_frames: int) -> list[Atoms]:
+    """Labelled frames of GFN2-xTB Langevin MD (labels come from the MD's own xTB calls)."""
+    symbols, positions = [], []
+    for line in ASPIRIN.splitlines():
+        symbol, *xyz = line.split()
+        symbols.append(symbol)
+        positions.append([float(v) for v in xyz])
+    start = relax(Atoms(symbols, positions), fmax=0.05, steps=20 if quick else 200)
+    frames = []
+    t0 = time.perf_counter()
+    for temperature in (600.0, 800.0):
+        atoms = start.copy()
+        atoms.calc = xtb()
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        Stationary(atoms)
+        seed = int(rng.integers(2**31))
+        dyn = Langevin(
+            atoms,
+            0.5 * units.fs,
+            temperature_K=temperature,
+            friction=0.02,
+            rng=np.random.default_rng(seed),
+        )
+        dyn.run(20 if quick else 400)  # equilibrate (200 fs)
+        for _ in range(n_frames // 2):
+            dyn.run(4 if quick else 20)  # 10 fs apart
+            info = {"source": "aspirin_md", "temperature_K": temperature}
+            frames.append(from_results(atoms, "aspirin_hot", **info))
+        print(f"  aspirin {temperature:.0f} K done ({time.perf_counter() - t0:.0f} s)")
+    print(f"aspirin: {len(frames)} frames in {time.perf_counter() - t0:.1f} s (MD included)")
+    return frames
+
+
+# ---------------------------------------------------------------------------- splits, output
+def split(frames: list[Atoms], n_valid: int, n_test: int, rng: np.random.Generator) -> dict:
+    order = rng.permutation(len(frames))
+    test = [frames[i] for i in sorted(order[:n_test])]
+    valid = [frames[i] for i in sorted(order[n_test : n_test + n_valid])]
+    train = [frames[i] for i in sorted(order[n_test + n_valid :])]
+    return {"train": train, "valid": valid, "test": test}
+
+
+def write_set(name: str, parts: dict, out: Path, ship: bool, seconds: float) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"seconds": round(seconds, 1)}
+    for part in SPLITS:
+        path = out / f"{name}_{part}.xyz"
+        ase.io.write(path, parts[part], format="extxyz")
+        summary[part] = {"frames": len(parts[part]), "atoms": int(sum(len(a) for a in parts[part]))}
+        print(f"wrote {path} ({len(parts[part])} frames)")
+    if ship:
+        EMBEDDED_DATA.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / f"{name}_test.xyz", EMBEDDED_DATA / f"{name}_test.xyz")
+        print(f"copied the test split to {EMBEDDED_DATA / f'{name}_test.xyz'}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=["base", "water", "aspirin"],
+        choices=["base", "water", "aspirin"],
+    )
+    parser.add_argument("--out", default=str(ROOT / "data"), help="output folder")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--water-frames", type=int, default=80)
+    parser.add_argument("--aspirin-frames", type=int, default=120)
+    parser.add_argument("--n-test", type=int, default=24, help="test frames per environment set")
+    parser.add_argument("--n-valid", type=int, default=12, help="valid frames per environment set")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few frames of each set (a smoke test)"
+    )
+    parser.add_argument(
+        "--no-ship", action="store_true", help="do not copy test splits into the package"
+    )
+    args = parser.parse_args()
+    out = Path(args.out)
+    quick = args.quick
+    ship = not (quick or args.no_ship)
+    n_test, n_valid = (2, 2) if quick else (args.n_test, args.n_valid)
+    summary = {}
+    for offset, name in enumerate(("base", "water", "aspirin")):
+        if name not in args.sets:
+            continue
+        rng = np.random.default_rng([args.seed, offset])  # each set reproducible on its own
+        start = time.perf_counter()
+        if name == "base":
+            frames = label_all(base_frames(rng, quick), "base")
+            n = len(frames)
+            parts = split(frames, n // 10, n // 10, rng)
+        elif name == "water":
+            n_frames = 8 if quick else args.water_frames
+            frames = label_all(water_frames(rng, quick, n_frames), "water")
+            parts = split(frames, n_valid, n_test, rng)
+        else:
+            frames = aspirin_frames(rng, quick, 8 if quick else args.aspirin_frames)
+            parts = split(frames, n_valid, n_test, rng)
+        summary[name] = write_set(
+            name, parts, out, ship and name != "base", time.perf_counter() - start
+        )
+    (out / f"summary_{'_'.join(args.sets)}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
