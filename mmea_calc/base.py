@@ -19,7 +19,7 @@ import torch
 from mmea_calc._deps import o3
 from mmea_calc.errors import BaseModelError
 
-__all__ = ["base_info", "fingerprint", "load_base", "resolve_dtype"]
+__all__ = ["EMBEDDED", "base_info", "fingerprint", "load_base", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ _DTYPES = {
     "float": torch.float32,
     "double": torch.float64,
 }
+#: ``load_base(EMBEDDED)`` loads the base shipped in ``mmea_calc/embedded/base/``.
+EMBEDDED = "embedded"
 _REQUIRED_ATTRS = ("atomic_numbers", "r_max", "interactions", "products", "readouts")
 
 
@@ -74,6 +76,17 @@ def _load_file(path: Path, device: str) -> torch.nn.Module:
     return _check_mace(model, f"base model file {str(path)!r}")
 
 
+def _load_path(source: str | os.PathLike, device: str) -> torch.nn.Module:
+    from mmea_calc.base_format import embedded_base_dir, read_base_dir
+
+    if isinstance(source, str) and source == EMBEDDED:
+        return read_base_dir(embedded_base_dir(), device=device)
+    path = Path(source)
+    if path.is_dir():
+        return _check_mace(read_base_dir(path, device=device), f"base directory {str(path)!r}")
+    return _load_file(path, device)
+
+
 def load_base(
     source: str | os.PathLike | torch.nn.Module,
     device: str | torch.device = "cpu",
@@ -82,8 +95,10 @@ def load_base(
     """Load a MACE model as a frozen base.
 
     Args:
-        source: a mace ``.model`` file (a pickle: load only trusted files) or an in-memory
-            MACE module (frozen in place).
+        source: a safe base directory (``config.json`` + ``model.safetensors``, see
+            :mod:`mmea_calc.base_format`), ``"embedded"`` for the base shipped with the package,
+            a mace ``.model`` file (a pickle: load only trusted files) or an in-memory MACE
+            module (frozen in place).
         device: torch device to put the model on.
         dtype: ``"float32"``/``"float64"`` to convert the model, ``None`` to keep its dtype.
 
@@ -100,11 +115,11 @@ def load_base(
     if isinstance(source, torch.nn.Module):
         model = _check_mace(source, "the given module")
     elif isinstance(source, str | os.PathLike):
-        model = _load_file(Path(source), str(device))
+        model = _load_path(source, str(device))
     else:
         raise BaseModelError(
-            f"base source of type {type(source).__name__} is not supported; "
-            "give a path to a mace .model file or a MACE module"
+            f"base source of type {type(source).__name__} is not supported; give a base "
+            "directory, 'embedded', a path to a mace .model file or a MACE module"
         )
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)

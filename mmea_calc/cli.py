@@ -1,4 +1,4 @@
-"""``mmea-calc``: fine-tune, evaluate and inspect adapters from the command line.
+"""``mmea-calc``: fine-tune, evaluate, inspect adapters, convert bases, run the demo.
 
 A thin layer over :func:`mmea_calc.train.fit_adapter`, :func:`mmea_calc.train.predict` and the
 adapter files. Bad input gives one line on stderr (``mmea-calc: error: ...``), exit code 2 and
@@ -95,6 +95,17 @@ def _add_info(sub: Any) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _add_convert_base(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert-base", help="turn a trusted mace .model file into a safe base directory"
+    )
+    p.add_argument("model", help="mace .model file (a pickle: convert only files you trust)")
+    p.add_argument("outdir", help="output directory (config.json + model.safetensors)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="convert (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing base directory")
+    p.set_defaults(func=_cmd_convert_base)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmea-calc`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -106,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_eval(sub)
     _add_info(sub)
+    _add_convert_base(sub)
     return parser
 
 
@@ -329,6 +341,37 @@ def _parity_plot(path: str, pred: dict[str, Any], ref: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# ---------------------------------------------------------------------------- convert-base
+def _cmd_convert_base(args: argparse.Namespace, stdout: TextIO) -> int:
+    from mmea_calc import load_base
+    from mmea_calc.base import base_info
+    from mmea_calc.base_format import BASE_WEIGHTS_NAME, write_base_dir
+
+    out = Path(args.outdir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
+        raise CLIError(f"{args.outdir!r} exists and is not empty; pass --overwrite to replace it")
+    if not Path(args.model).is_file():
+        raise CLIError(f"{args.model!r} is not a file (expected a mace .model file)")
+    model = load_base(args.model, dtype=args.dtype)
+    write_base_dir(model, out, overwrite=args.overwrite)
+    info = base_info(model)
+    size = (out / BASE_WEIGHTS_NAME).stat().st_size
+    print(
+        f"wrote {out}: {info['model_class']} {str(next(model.parameters()).dtype)[6:]}, "
+        f"elements {' '.join(_symbols(info['atomic_numbers']))}, hidden {info['hidden_irreps']}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {size / 1e6:.2f} MB, "
+        f"fingerprint {info['fingerprint'][:12]}",
+        file=stdout,
+    )
+    return 0
+
+
+def _symbols(numbers: Sequence[int]) -> list[str]:
+    import ase.data
+
+    return [ase.data.chemical_symbols[z] for z in numbers]
+
+
 # ---------------------------------------------------------------------------- info
 def _cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
     info = describe_path(args.path)
@@ -376,12 +419,12 @@ def describe_path(path: str) -> dict[str, Any]:
         info["trainable_parameters"] = training["trainable_parameters"]
         info["rank"] = training["config"]["rank"] if training["method"] == "lora" else None
         info["base_fingerprint"] = training.get("base", {}).get("fingerprint")
-    elif target.is_file():
+    elif target.is_file() or (target / "config.json").is_file():  # .model file or base dir
         info = _describe_model(target, kind="base")
     else:
         raise AdapterFormatError(
-            f"{path!r} holds neither an adapter (adapter_config.json) nor a finetune result "
-            "(training.json + model.model)"
+            f"{path!r} holds neither an adapter (adapter_config.json), a base (config.json) "
+            "nor a finetune result (training.json + model.model)"
         )
     if training is not None:
         info["training"] = {k: v for k, v in training.items() if k not in ("history", "base")}

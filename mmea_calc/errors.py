@@ -10,9 +10,12 @@ __all__ = [
     "AdapterExistsError",
     "AdapterFormatError",
     "AdapterNotFoundError",
+    "BaseFormatError",
     "BaseModelError",
     "BaseModelMismatchError",
     "DataError",
+    "DemoError",
+    "EmbeddedAssetsMissingError",
     "InvalidStructureError",
     "MmeaCalcError",
     "NoCandidateAdapterError",
@@ -45,6 +48,15 @@ class BaseModelError(MmeaCalcError, ValueError):
     """A base model cannot be loaded or is not a MACE model this package can adapt."""
 
 
+class BaseFormatError(BaseModelError):
+    """A safe base directory is missing, corrupt, of an unknown version or names a class
+    outside the whitelist of mace-torch classes it may rebuild."""
+
+
+class EmbeddedAssetsMissingError(MmeaCalcError, FileNotFoundError):
+    """The base model or adapters shipped with the package (``mmea_calc/embedded/``) are absent."""
+
+
 class BaseModelMismatchError(MmeaCalcError, ValueError):
     """An adapter was made for a different base model (fingerprints differ)."""
 
@@ -71,3 +83,7 @@ class OutputExistsError(MmeaCalcError, FileExistsError):
 
 class DataError(MmeaCalcError, ValueError):
     """A dataset is empty, unreadable or lacks a requested key."""
+
+
+class DemoError(MmeaCalcError, RuntimeError):
+    """A step of ``mmea-calc demo`` misbehaved (wrong adapter, NaN, blow-up, no convergence...)."""
