@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,35 +84,40 @@ def _modules() -> Any:
     return mace.modules
 
 
-_U_CACHE: dict[str, Any] = {}
+_U_KEY = re.compile(
+    r"^products\.(\d+)\.symmetric_contractions\.contractions\.(\d+)\.U_matrix_(\d+)$"
+)
 
 
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if type(value) in (list, tuple):
-        return type(value)(_clone(v) for v in value)
-    return value
+def _stored_u_matrices(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The symmetric contractions' U matrices of a state dict, in the order mace builds them."""
+    found = []
+    for key, value in state.items():
+        match = _U_KEY.match(key)
+        if match:
+            found.append((tuple(int(g) for g in match.groups()), value))
+    return [value for _, value in sorted(found, key=lambda item: item[0])]
 
 
 @contextlib.contextmanager
-def _memoised_u_matrices() -> Iterator[None]:
-    """Cache mace's Clebsch-Gordan ``U_matrix_real`` while we build (most of a build's time).
+def _u_matrices_from(stored: list[torch.Tensor] | None) -> Iterator[None]:
+    """Hand mace's symmetric contractions their stored U matrices instead of recomputing them.
 
-    The matrices are buffers that the state dict overwrites anyway; caching them by their
-    arguments makes a second build of the same architecture in this process fast. The patch is
-    scoped to the ``with`` block.
+    Computing the Clebsch-Gordan ``U_matrix_real`` is most of a build's time, yet the result
+    is a buffer that the state dict overwrites anyway. Contractions use only the tensor (the
+    last item) and ask in build order, so we answer from the stored list; a wrong shape makes
+    the strict state-dict load fail. The patch is scoped to the ``with`` block.
     """
     module = importlib.import_module("mace.modules.symmetric_contraction")
     original = module.U_matrix_real
+    queue = list(stored or [])
 
-    def cached(*args: Any, **kwargs: Any) -> Any:
-        key = repr((args, sorted(kwargs.items())))
-        if key not in _U_CACHE:
-            _U_CACHE[key] = original(*args, **kwargs)
-        return _clone(_U_CACHE[key])
+    def from_state(*args: Any, **kwargs: Any) -> Any:
+        if not queue:
+            return original(*args, **kwargs)
+        return [None, queue.pop(0).clone()]
 
-    module.U_matrix_real = cached
+    module.U_matrix_real = from_state
     try:
         yield
     finally:
@@ -268,12 +274,17 @@ def _constructor_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_from_config(
-    model_class: str, config: dict[str, Any], dtype: str = "float64"
+    model_class: str,
+    config: dict[str, Any],
+    dtype: str = "float64",
+    state: dict[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
-    """Build an untrained ``MACE``/``ScaleShiftMACE`` from :func:`base_config`'s output.
+    """Build a ``MACE``/``ScaleShiftMACE`` from :func:`base_config`'s output.
 
     Only mace-torch's own classes named in its registries (interaction, readout, gate) can be
-    named; anything else raises :class:`~mmea_calc.errors.BaseFormatError`.
+    named; anything else raises :class:`~mmea_calc.errors.BaseFormatError`. With ``state``,
+    the state dict is loaded (strictly) and its stored Clebsch-Gordan matrices are used
+    instead of recomputing them (much faster); without, the weights are mace's random init.
     """
     from mace.tools import torch_tools
 
@@ -285,14 +296,17 @@ def build_from_config(
     with (
         torch.random.fork_rng(),
         torch_tools.default_dtype(dtype),
-        _memoised_u_matrices(),
+        _u_matrices_from(_stored_u_matrices(state) if state is not None else None),
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", message="The TorchScript type system")
         try:
-            return cls(**kwargs).eval()
+            model = cls(**kwargs).eval()
         except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
             raise BaseFormatError(f"cannot build {model_class} from its config: {exc}") from exc
+    if state is not None:
+        _load_state(model, state, f"this {model_class}")
+    return model
 
 
 def _float_dtype(model: torch.nn.Module) -> str:
@@ -405,8 +419,7 @@ def _verify_rebuild(
     dtype: str,
     state: dict[str, torch.Tensor],
 ) -> None:
-    rebuilt = build_from_config(model_class, config, dtype)
-    _load_state(rebuilt, state, "the model")
+    rebuilt = build_from_config(model_class, config, dtype, state)
     device = next(model.parameters()).device
     rebuilt = rebuilt.to(device)
     energy, forces = _probe_outputs(model)
@@ -480,8 +493,12 @@ def read_base_dir(
         raise BaseFormatError(f"{weights} is not a valid safetensors file: {exc}") from exc
     if not isinstance(document["config"], dict):
         raise BaseFormatError(f"{directory / BASE_CONFIG_NAME}: 'config' must be a JSON object")
-    model = build_from_config(document["model_class"], document["config"], document["dtype"])
-    _load_state(model, state, str(directory))
+    try:
+        model = build_from_config(
+            document["model_class"], document["config"], document["dtype"], state
+        )
+    except BaseFormatError as exc:
+        raise BaseFormatError(f"base {str(directory)!r}: {exc}") from exc
     if fingerprint(model) != document["fingerprint"]:
         raise BaseFormatError(
             f"base {str(directory)!r} rebuilt to fingerprint {fingerprint(model)[:12]}…, but its "
