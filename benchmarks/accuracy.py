@@ -1,0 +1,192 @@
+"""Accuracy per trainable parameter: MMEA vs mace-torch's LoRA vs full fine-tuning.
+
+Base model ``../shared/assets/models/mace-spice-small.model`` (skips with a message when
+``../shared`` is absent). Datasets:
+
+* revised MD17 (``data/rmd17/<molecule>/{train,valid,test}.xyz``, 100/50/1000);
+* acetylacetone (``data/acac``): train on ``train_300K`` (valid: a seeded 10 % split), test on
+  ``test_MD_300K`` and ``test_MD_600K`` (the 600 K set measures extrapolation).
+
+Every method gets the same data, loss, per-element E0 refit, schedule, epochs and seed. Each
+(dataset, method) job runs in a fresh process, so its peak RSS is its own. Results are written to
+the JSON after every job and finished jobs are skipped on a re-run (``--fresh`` to redo), so a long
+benchmark can be continued across sessions. ``--plot`` draws force MAE vs trainable parameters.
+
+Usage::
+
+    python benchmarks/accuracy.py --epochs 60 --molecules aspirin,ethanol,malonaldehyde,\\
+        paracetamol,toluene --acac --plot benchmarks/results/accuracy.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "assets"
+MODEL = SHARED / "models" / "mace-spice-small.model"
+RMD17 = SHARED / "data" / "rmd17"
+ACAC = SHARED / "data" / "acac"
+METHODS = {  # label: (method, rank)
+    "mmea-r8": ("mmea", 8),
+    "mmea-r16": ("mmea", 16),
+    "lora-r4": ("lora", 4),
+    "lora-r16": ("lora", 16),
+    "full": ("full", 16),
+}
+ALL_MOLECULES = (
+    "aspirin,azobenzene,benzene,ethanol,malonaldehyde,naphthalene,paracetamol,salicylic,"
+    "toluene,uracil"
+)
+
+
+def _datasets(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    sets: dict[str, dict[str, object]] = {}
+    for mol in filter(None, args.molecules.split(",")):
+        folder = RMD17 / mol
+        sets[f"rmd17-{mol}"] = {
+            "train": folder / "train.xyz",
+            "valid": folder / "valid.xyz",
+            "tests": {"test": folder / "test.xyz"},
+        }
+    if args.acac:
+        sets["acac"] = {
+            "train": ACAC / "train_300K.xyz",
+            "valid": None,
+            "tests": {
+                "test_300K": ACAC / "test_MD_300K.xyz",
+                "test_600K": ACAC / "test_MD_600K.xyz",
+            },
+        }
+    return sets
+
+
+def _job(dataset: dict, label: str, epochs: int, threads: int, n_test: int | None) -> dict:
+    """One fit + test evaluation, in its own process (peak RSS measured at the end)."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(sys.stderr):
+        from mmea_calc import load_base
+        from mmea_calc.base import base_info
+        from mmea_calc.data import labelled_graphs, read_structures, reference_values
+        from mmea_calc.train import TrainConfig, error_metrics, fit_adapter, predict
+
+        base = load_base(MODEL, dtype="float64")
+        info = base_info(base)
+        zs = info["atomic_numbers"]
+        train = read_structures(dataset["train"], atomic_numbers=zs)
+        valid = read_structures(dataset["valid"], atomic_numbers=zs) if dataset["valid"] else None
+        result: dict = {}
+        module = base
+        if label != "base":
+            method, rank = METHODS[label]
+            config = TrainConfig(method=method, rank=rank, epochs=epochs, patience=None)
+            tic = time.perf_counter()
+            fit = fit_adapter(base, train, valid, config, name=label.replace("-", "_"))
+            module = fit.model
+            result.update(
+                trainable_parameters=fit.trainable_parameters,
+                seconds_per_epoch=fit.seconds_per_epoch,
+                fit_seconds=time.perf_counter() - tic,
+                best_epoch=fit.best_epoch,
+                valid=fit.metrics["valid"],
+            )
+        else:
+            result["trainable_parameters"] = 0
+        result["tests"] = {}
+        for name, path in dataset["tests"].items():
+            test = read_structures(path, atomic_numbers=zs)[:n_test]
+            pred = predict(module, labelled_graphs(test, info), batch_size=32)
+            result["tests"][name] = error_metrics(pred, reference_values(test))
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(results["datasets"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], sets, strict=True):
+        for label, res in results["datasets"][name].items():
+            if label == "base":
+                continue
+            test = next(iter(res["tests"].values()))
+            ax.scatter(res["trainable_parameters"], test["forces_mae_meV_per_A"], label=label)
+            ax.annotate(
+                label, (res["trainable_parameters"], test["forces_mae_meV_per_A"]), fontsize=7
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("test force MAE (meV/Å)")
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument(
+        "--molecules",
+        default="aspirin,ethanol,malonaldehyde,paracetamol,toluene",
+        help=f"comma-separated rMD17 molecules (all: {ALL_MOLECULES})",
+    )
+    parser.add_argument("--acac", action="store_true", help="also acetylacetone (300 K -> 600 K)")
+    parser.add_argument("--methods", default="base," + ",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-test", type=int, default=None, help="first N test structures")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/accuracy.json"))
+    parser.add_argument("--plot", default=None, help="PNG of force MAE vs trainable parameters")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished jobs in --out")
+    args = parser.parse_args(argv)
+    if not MODEL.is_file():
+        print(f"skipping: shared assets absent ({MODEL})", file=sys.stderr)
+        return 0
+    out = Path(args.out)
+    results = {"datasets": {}}
+    if out.is_file() and not args.fresh:
+        results = json.loads(out.read_text())
+    results["setup"] = {
+        "model": MODEL.name,
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "command": "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:]),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for set_name, dataset in _datasets(args).items():
+        done = results["datasets"].setdefault(set_name, {})
+        for label in args.methods.split(","):
+            if label in done:
+                continue
+            with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
+                future = pool.submit(_job, dataset, label, args.epochs, args.threads, args.n_test)
+                done[label] = future.result()
+            tests = {
+                k: round(v["forces_mae_meV_per_A"], 2) for k, v in done[label]["tests"].items()
+            }
+            print(f"{set_name} {label}: force MAE {tests}", file=sys.stderr)
+            out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    if args.plot:
+        _plot(results, Path(args.plot))
+    print(json.dumps(results, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
