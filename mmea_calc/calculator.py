@@ -14,7 +14,7 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from mmea_calc.base import load_base
+from mmea_calc.base import EMBEDDED, load_base
 from mmea_calc.data import atoms_to_graph, check_atoms, collate
 from mmea_calc.model import AdaptedModel
 from mmea_calc.selection import TAG_KEY, AdapterSelector, Choice, Select
@@ -27,6 +27,10 @@ AdapterSpec = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str
 
 
 def _adapter_items(adapters: AdapterSpec) -> list[tuple[str | None, Path]]:
+    if isinstance(adapters, str) and adapters == EMBEDDED:
+        from mmea_calc.base_format import embedded_adapter_dirs
+
+        return [(None, path) for path in embedded_adapter_dirs()]
     if isinstance(adapters, str | os.PathLike):
         return [(None, Path(adapters))]
     if isinstance(adapters, Mapping):
@@ -38,10 +42,11 @@ class MMEACalculator(Calculator):
     """Energies, forces and stresses from a frozen MACE base plus swappable MMEA adapters.
 
     Args:
-        base: a mace ``.model`` file, a loaded MACE module, or an :class:`~mmea_calc.AdaptedModel`
+        base: a mace ``.model`` file, a safe base directory, ``"embedded"`` (the base shipped
+            with the package), a loaded MACE module, or an :class:`~mmea_calc.AdaptedModel`
             (used as is, with the adapters it holds).
-        adapters: adapter directories (a path, a list, or ``{name: path}``); all must match the
-            base model's fingerprint.
+        adapters: adapter directories (a path, a list, or ``{name: path}``), or ``"embedded"``
+            for every adapter shipped with the package; all must match the base's fingerprint.
         select: ``"auto"`` (by elements, then descriptor router), an adapter name, ``None`` or
             ``"base"`` for the bare base, or a callable ``atoms -> name | None``.
             ``atoms.info["mmea_adapter"]`` overrides it per structure.

@@ -106,6 +106,17 @@ def _add_convert_base(sub: Any) -> None:
     p.set_defaults(func=_cmd_convert_base)
 
 
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="MD, relaxation and errors with the embedded base and adapters")
+    p.add_argument("--quick", action="store_true", help="fewer MD steps and test frames (CI)")
+    p.add_argument(
+        "--assets", help="folder with base/, adapters/, data/ (default: the embedded assets)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmea-calc`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -118,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_info(sub)
     _add_convert_base(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -370,6 +382,24 @@ def _symbols(numbers: Sequence[int]) -> list[str]:
     import ase.data
 
     return [ase.data.chemical_symbols[z] for z in numbers]
+
+
+# ---------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace, stdout: TextIO) -> int:
+    import torch
+
+    from mmea_calc.demo import run_demo
+
+    if not args.threads:  # small systems: one thread is fastest, and robust on a busy machine
+        torch.set_num_threads(1)
+    run_demo(
+        args.assets,
+        quick=args.quick,
+        out=stdout,
+        progress=None if args.no_progress else sys.stderr,
+        seed=args.seed,
+    )
+    return 0
 
 
 # ---------------------------------------------------------------------------- info

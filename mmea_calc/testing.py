@@ -26,6 +26,7 @@ __all__ = [
     "random_cluster",
     "random_rotation",
     "randomize_adapter",
+    "write_demo_assets",
 ]
 
 
@@ -192,3 +193,74 @@ def evaluate(
     if adapters is not None:
         model.route(data, adapters)
     return model(data, compute_stress=compute_stress, training=training)
+
+
+def _labelled_frames(model: Any, name: str, frames: Sequence[ase.Atoms]) -> list[ase.Atoms]:
+    """Copies of ``frames`` with REF_energy/REF_forces (REF_stress if periodic) from adapter
+    ``name`` of ``model``."""
+    out = []
+    for atoms in frames:
+        periodic = bool(atoms.pbc.all())
+        res = evaluate(model, [atoms], adapters=[name], compute_stress=periodic)
+        atoms = atoms.copy()
+        atoms.info["REF_energy"] = float(res["energy"].detach()[0])
+        atoms.arrays["REF_forces"] = res["forces"].detach().numpy().astype(np.float64)
+        if periodic:
+            atoms.info["REF_stress"] = res["stress"].detach()[0].numpy().astype(np.float64)
+        out.append(atoms)
+    return out
+
+
+def write_demo_assets(
+    root: Any,
+    *,
+    molecule: str = "CH3CH2OH",
+    name: str = "ethanol",
+    n_frames: int = 6,
+    n_water: int = 8,
+    seed: int = 0,
+) -> Any:
+    """Tiny stand-ins for the demo's assets: ``base/``, ``adapters/{water,NAME}/``, ``data/``.
+
+    A tiny seeded H/C/N/O base (safe format) and two randomised MMEA adapters with stored
+    environments (periodic water boxes; hot copies of ASE's ``molecule``), and held-out frames
+    labelled *by those adapters*, so adapted errors are zero and the base's are not. For tests
+    of :func:`mmea_calc.demo.run_demo` and the examples; the numbers mean nothing physically.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> root = write_demo_assets(tempfile.mkdtemp(), n_frames=2, n_water=4)
+        >>> sorted(p.name for p in (Path(root) / "adapters").iterdir())
+        ['ethanol', 'water']
+    """
+    from pathlib import Path
+
+    import ase.build
+    import ase.io
+
+    from mmea_calc.base_format import write_base_dir
+    from mmea_calc.demo import water_box
+    from mmea_calc.model import AdaptedModel, MMEAConfig
+    from mmea_calc.selection import describe_environment
+
+    root = Path(root)
+    base = build_tiny_mace("8x0e+8x1o", atomic_numbers=(1, 6, 7, 8), pair_repulsion=True)
+    write_base_dir(base, root / "base", verify=False)
+    model = AdaptedModel(base)
+    boxes = [water_box(n_water, seed=seed + s) for s in range(2 * n_frames)]
+    hot = []
+    for s in range(2 * n_frames):
+        atoms = ase.build.molecule(molecule)
+        atoms.rattle(0.08, seed=seed + s)
+        atoms.info["temperature_K"] = 600.0
+        hot.append(atoms)
+    for index, (env, frames) in enumerate((("water", boxes), (name, hot))):
+        model.add_adapter(env, MMEAConfig(rank=4), set_active=False)
+        randomize_adapter(model, env, std=0.1, seed=seed + index + 1)
+        environment = describe_environment(model, frames[:n_frames])
+        model.save_adapter(env, root / "adapters" / env, environment=environment)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        test = _labelled_frames(model, env, frames[n_frames:])
+        ase.io.write(root / "data" / f"{env}_test.xyz", test, format="extxyz")
+    return root

@@ -46,3 +46,18 @@ def spice_model_path():
     if not SPICE_MODEL.is_file():
         pytest.skip(f"shared asset {SPICE_MODEL} is absent (only on the project's machines)")
     return SPICE_MODEL
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """Tiny stand-ins for the embedded assets (base/, adapters/{water,ethanol}/, data/)."""
+    import torch
+
+    from mmea_calc.testing import write_demo_assets
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return write_demo_assets(tmp_path_factory.mktemp("demo-assets"), n_frames=4, n_water=8)
+    finally:
+        torch.set_num_threads(threads)
