@@ -1,32 +1,51 @@
 #!/usr/bin/env bash
-# Fine-tune an MMEA adapter on rMD17 aspirin, compare it with LoRA and full fine-tuning, and
-# evaluate all of them on the test set. Needs the shared assets (../shared relative to the repo);
-# pass other paths as arguments: examples/finetune.sh BASE.model DATA_DIR [EPOCHS]
+# Fine-tune an MMEA adapter end to end: data -> adapter -> eval -> MD with the new adapter.
+#
+#   examples/finetune.sh [BASE] [DATA_DIR] [EPOCHS]
+#
+# BASE      a safe base directory, a trusted mace .model file, or "embedded" (default: the base
+#           shipped with the package)
+# DATA_DIR  holds train.xyz, valid.xyz and test.xyz with REF_energy / REF_forces (default: the
+#           rMD17 aspirin splits in ../shared; the script skips when they are absent)
+# EPOCHS    default 60
+# Environment: OUT (output folder, default runs/finetune), RANK (16), BATCH (5), MD_STEPS (100),
+# COMPARE=1 also trains LoRA (rank 4) and a full fine-tune under the same trainer and evaluates
+# them and the bare base on the test set.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-base="${1:-$root/../shared/assets/models/mace-spice-small.model}"
+base="${1:-embedded}"
 data="${2:-$root/../shared/assets/data/rmd17/aspirin}"
 epochs="${3:-60}"
-out="${OUT:-$root/runs/aspirin}"
-if [[ ! -f "$base" || ! -f "$data/train.xyz" ]]; then
-    echo "skipping: $base or $data/train.xyz is absent" >&2
+out="${OUT:-$root/runs/finetune}"
+rank="${RANK:-16}"
+md_steps="${MD_STEPS:-100}"
+if [[ ! -f "$data/train.xyz" ]]; then
+    echo "skipping: $data/train.xyz is absent (pass DATA_DIR)" >&2
     exit 0
 fi
 mkdir -p "$out"
-common=(--base "$base" --train "$data/train.xyz" --valid "$data/valid.xyz" --epochs "$epochs")
+common=(--base "$base" --train "$data/train.xyz" --valid "$data/valid.xyz" --epochs "$epochs"
+    --batch-size "${BATCH:-5}")
 
-# the product: an adapter directory (adapter_config.json + adapter_model.safetensors)
-mmea-calc finetune "${common[@]}" --out "$out/mmea" --method mmea --rank 16 --overwrite
+# 1. data -> adapter: a directory with adapter_config.json + adapter_model.safetensors
+mmea-calc finetune "${common[@]}" --out "$out/mmea" --method mmea --rank "$rank" --overwrite
 mmea-calc info "$out/mmea"
+
+# 2. eval on the held-out test set (metrics as JSON)
 mmea-calc eval --base "$base" --adapter "$out/mmea" --data "$data/test.xyz" \
-    --json "$out/mmea-test.json" --plot "$out/mmea-test.png"
+    --json "$out/mmea-test.json"
 
-# the alternatives, same trainer and schedule: whole models in mace's format
-for method in lora full; do
-    mmea-calc finetune "${common[@]}" --out "$out/$method" --method "$method" --rank 4 --overwrite
-    mmea-calc eval --base "$out/$method/model.model" --data "$data/test.xyz" \
-        --json "$out/$method-test.json"
-done
+# 3. MD with the new adapter (selected automatically: its stored environment covers the data)
+python "$root/examples/md.py" --base "$base" --adapters "$out/mmea" \
+    --structure "$data/test.xyz" --steps "$md_steps" --temperature 300 --traj "$out/md.traj"
 
-# the base model without fine-tuning, for reference
-mmea-calc eval --base "$base" --data "$data/test.xyz" --json "$out/base-test.json"
+# optional: the alternatives, same trainer and schedule (whole models in mace's format)
+if [[ "${COMPARE:-0}" == 1 ]]; then
+    for method in lora full; do
+        mmea-calc finetune "${common[@]}" --out "$out/$method" --method "$method" --rank 4 \
+            --overwrite
+        mmea-calc eval --base "$out/$method/model.model" --data "$data/test.xyz" \
+            --json "$out/$method-test.json"
+    done
+    mmea-calc eval --base "$base" --data "$data/test.xyz" --json "$out/base-test.json"
+fi

@@ -223,11 +223,15 @@ def _md(
     seed: int,
 ) -> dict[str, Any]:
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from tqdm import tqdm
 
+    try:  # ASE >= 3.29
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:  # older ASE
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
+
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
     dyn = Langevin(
         atoms,
         settings.timestep_fs * units.fs,
