@@ -202,7 +202,7 @@ def finetune_command(env: str, args: argparse.Namespace) -> list[str]:
 def stage_adapters(args: argparse.Namespace) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {}
-    for name in ENVIRONMENTS:
+    for name in args.envs:
         command = finetune_command(name, args)
         print(" ".join(command))
         log = open(args.build / f"finetune_{name}.log", "w")  # closed below
@@ -217,7 +217,7 @@ def stage_adapters(args: argparse.Namespace) -> None:
         log.close()
     if failed:
         sys.exit(f"finetune failed for {failed}: see {args.build}/finetune_*.log")
-    for name in ENVIRONMENTS:  # the resume checkpoint (optimizer state) is not shipped
+    for name in args.envs:  # the resume checkpoint (optimizer state) is not shipped
         (args.adapters / name / "checkpoint.safetensors").unlink(missing_ok=True)
 
 
@@ -300,6 +300,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--energy-weight", type=float, default=1000.0)
     parser.add_argument("--forces-weight", type=float, default=100.0)
+    parser.add_argument(
+        "--envs",
+        nargs="+",
+        default=list(ENVIRONMENTS),
+        choices=ENVIRONMENTS,
+        help="adapters to train (stage adapters)",
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapter-epochs", type=int, default=40)
     parser.add_argument("--adapter-energy-weight", type=float, default=10000.0)
