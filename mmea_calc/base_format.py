@@ -6,9 +6,9 @@ irreps as strings, the gate activation by name, atomic energies, scale/shift, ..
 state dict from ``model.safetensors``. Only whitelisted classes can be named: a config that
 names anything else is refused (:class:`~mmea_calc.errors.BaseFormatError`), so reading a base
 directory never runs code from the file. :func:`write_base_dir` rebuilds the model from the
-config it is about to write and checks that energies and forces agree bit for bit before writing
-anything, so a model with features this format does not capture is refused instead of saved
-wrong.
+config it is about to write and checks that energies and forces agree (to float rounding) before
+writing anything, so a model with features this format does not capture is refused instead of
+saved wrong. The state dict itself round-trips exactly (same fingerprint).
 
 The package may ship its own base in this format (``mmea_calc/embedded/base/``), loaded by
 ``load_base("embedded")``, with adapters in ``mmea_calc/embedded/adapters/<name>/``.
@@ -424,7 +424,12 @@ def _verify_rebuild(
     rebuilt = rebuilt.to(device)
     energy, forces = _probe_outputs(model)
     energy2, forces2 = _probe_outputs(rebuilt)
-    if not (torch.equal(energy, energy2) and torch.equal(forces, forces2)):
+    # equal up to rounding: TorchScript's profiling executor changes the last bits between a
+    # module's first calls (the same pickle loaded twice differs by ~1e-16 eV/Å in float64)
+    tol = 1e-10 if energy.dtype == torch.float64 else 1e-4
+    scale = 1.0 + float(forces.abs().max()) if forces.numel() else 1.0
+    close_e = torch.allclose(energy, energy2, rtol=tol, atol=tol)
+    if not (close_e and torch.allclose(forces, forces2, rtol=tol, atol=tol * scale)):
         delta = float((forces - forces2).abs().max())
         raise BaseFormatError(
             f"this {model_class} cannot be stored in the safe base format: the model rebuilt "

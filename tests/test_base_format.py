@@ -32,10 +32,13 @@ def written(tmp_path_factory):
 
 
 def _same_outputs(a, b, atoms, stress=False):
+    """Equal up to rounding noise: TorchScript's profiling executor may change the last bit
+    between a module's first calls (the same pickle loaded twice differs by ~1e-16 in float64)."""
     out_a = evaluate(a, [atoms], compute_stress=stress)
     out_b = evaluate(b, [atoms], compute_stress=stress)
+    tol = 1e-12 if out_a["energy"].dtype == torch.float64 else 1e-5
     keys = ["energy", "forces"] + (["stress"] if stress else [])
-    return all(torch.equal(out_a[k], out_b[k]) for k in keys)
+    return all(torch.allclose(out_a[k], out_b[k], rtol=tol, atol=tol) for k in keys)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -64,7 +67,8 @@ def test_adapter_moves_between_pickle_and_safe_base(written, tmp_path):
     other = AdaptedModel(frozen)
     other.load_adapter(tmp_path / "env")  # fingerprints agree, so the adapter is accepted
     atoms = random_cluster(8, seed=5)
-    assert torch.equal(evaluate(adapted, [atoms])["forces"], evaluate(other, [atoms])["forces"])
+    forces = [evaluate(m, [atoms])["forces"] for m in (adapted, other)]
+    assert torch.allclose(*forces, rtol=1e-12, atol=1e-12)
 
 
 def _edit_config(directory, **changes):
