@@ -8,8 +8,8 @@ Stages (``--stage``; ``all`` runs them in order):
   GFN2-xTB base set only, with our trainer in ``full`` mode. Written with ``torch.save`` to
   ``build/embedded/base.model`` (a pickle, so not shipped: it is converted to the package's safe
   format separately);
-* ``adapters``: rank-16 MMEA adapters trained with ``mmea-calc finetune`` (two subprocesses in
-  parallel, one thread each) on liquid water and on hot aspirin, written to
+* ``adapters``: rank-16 MMEA adapters trained with ``mmea-calc finetune`` (subprocesses in
+  parallel, sharing ``--threads``) on liquid water and on hot aspirin, written to
   ``mmea_calc/embedded/adapters/{water,aspirin}``;
 * ``eval``: ``mmea-calc eval --json -`` of the base and of each adapter on each environment's
   held-out test split, and an auto-selection check with ``MMEACalculator(select="auto")`` on those
@@ -41,6 +41,18 @@ ADAPTERS = ROOT / "mmea_calc" / "embedded" / "adapters"
 RESULTS = ROOT / "benchmarks" / "results" / "embedded.json"
 ELEMENTS = (1, 6, 7, 8)
 ENVIRONMENTS = ("water", "aspirin")
+#: the commands that made the committed data, base model, adapters and results (2 CPU cores)
+REPRODUCE = [
+    "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets base --out data",
+    "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets aspirin --out data",
+    "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets water --water-frames 60 "
+    "--n-test 20 --n-valid 8 --out data",
+    "python scripts/train_embedded.py --stage base --epochs 60 --threads 2",
+    "python scripts/train_embedded.py --stage adapters --envs aspirin --adapter-epochs 60 "
+    "--threads 1",
+    "python scripts/train_embedded.py --stage adapters --envs water --adapter-epochs 40",
+    "python scripts/train_embedded.py --stage eval",
+]
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -180,9 +192,9 @@ def _print_epoch(record: dict, module) -> None:
 
 
 # ---------------------------------------------------------------------------- adapters
-def finetune_command(env: str, args: argparse.Namespace) -> list[str]:
+def finetune_command(env: str, args: argparse.Namespace, threads: int) -> list[str]:
     return [
-        "mmea-calc", "--threads", "1", "finetune",
+        "mmea-calc", "--threads", str(threads), "finetune",
         "--base", str(args.build / "base.model"),
         "--train", str(args.data / f"{env}_train.xyz"),
         "--valid", str(args.data / f"{env}_valid.xyz"),
@@ -200,10 +212,11 @@ def finetune_command(env: str, args: argparse.Namespace) -> list[str]:
 
 
 def stage_adapters(args: argparse.Namespace) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    threads = max(1, args.threads // len(args.envs))  # the runs share the cores
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     procs = {}
     for name in args.envs:
-        command = finetune_command(name, args)
+        command = finetune_command(name, args, threads)
         print(" ".join(command))
         log = open(args.build / f"finetune_{name}.log", "w")  # closed below
         procs[name] = (
@@ -260,7 +273,8 @@ def check_selection(args: argparse.Namespace) -> dict:
 
 def stage_eval(args: argparse.Namespace) -> None:
     results: dict = {
-        "command": "python scripts/train_embedded.py --stage eval",
+        "command": "python scripts/train_embedded.py " + " ".join(sys.argv[1:]),
+        "reproduce": REPRODUCE,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "errors": {},
     }
@@ -271,6 +285,9 @@ def stage_eval(args: argparse.Namespace) -> None:
             print(" ".join(command))
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             results["errors"][env][adapter or "base"] = json.loads(done.stdout)
+    command = eval_command("base", None, args)
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    results["errors"]["base_set"] = {"base": json.loads(done.stdout)}
     results["selection"] = check_selection(args)
     for name in ("base_summary.json",):
         path = args.build / name
