@@ -132,6 +132,11 @@ class _Environment:
     first: ase.Atoms  # the first test frame as read (with its info, e.g. temperature_K)
 
 
+def _base_parameters(model: Any) -> int:
+    named = model.base_model.named_parameters()
+    return sum(p.numel() for name, p in named if "mmea_adapters" not in name)
+
+
 def _roles(calc: Any) -> dict[str, str]:
     """Which adapter serves water (the periodic environment) and which the molecule."""
     roles: dict[str, list[str]] = {"water": [], "molecule": []}
@@ -180,7 +185,7 @@ def _load(root: Path, settings: DemoSettings, say: _Say) -> tuple[Any, dict[str,
     say(
         f"base model: {info['model_class']}, hidden {info['hidden_irreps']}, elements "
         f"{' '.join(ase.data.chemical_symbols[z] for z in info['atomic_numbers'])}, "
-        f"{sum(p.numel() for p in calc.model.base_model.parameters()):,} parameters "
+        f"{_base_parameters(calc.model):,} parameters "
         f"({base_dir})"
     )
     say(

@@ -230,7 +230,7 @@ def write_demo_assets(
     Example:
         >>> import tempfile
         >>> from pathlib import Path
-        >>> root = write_demo_assets(tempfile.mkdtemp(), n_frames=2, n_water=4)
+        >>> root = write_demo_assets(tempfile.mkdtemp(), n_frames=1, n_water=4)
         >>> sorted(p.name for p in (Path(root) / "adapters").iterdir())
         ['ethanol', 'water']
     """

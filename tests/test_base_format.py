@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -45,6 +46,10 @@ def _same_outputs(a, b, atoms, stress=False):
 def test_round_trip_is_exact(written, case):
     model, directory, rebuilt = written[case]
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():  # not mkstemp's 0600: shipped files must be readable
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert type(rebuilt) is type(model)
     assert next(rebuilt.parameters()).dtype == CASES[case][3]
     assert fingerprint(rebuilt) == fingerprint(model)
