@@ -45,12 +45,13 @@ ENVIRONMENTS = ("water", "aspirin")
 REPRODUCE = [
     "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets base --out data",
     "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets aspirin --out data",
-    "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets water --water-frames 60 "
-    "--n-test 20 --n-valid 8 --out data",
+    "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets water --water-frames 48 "
+    "--n-test 20 --n-valid 6 --out data",
     "python scripts/train_embedded.py --stage base --epochs 60 --threads 2",
     "python scripts/train_embedded.py --stage adapters --envs aspirin --adapter-epochs 60 "
     "--threads 1",
-    "python scripts/train_embedded.py --stage adapters --envs water --adapter-epochs 40",
+    "python scripts/train_embedded.py --stage adapters --envs water --adapter-epochs 40 "
+    "--threads 2  # stopped with Ctrl-C after 11 epochs (time budget); best = last",
     "python scripts/train_embedded.py --stage eval",
 ]
 
