@@ -16,6 +16,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mmea_calc.base import EMBEDDED, load_base
 from mmea_calc.data import atoms_to_graph, check_atoms, collate
+from mmea_calc.errors import NonFiniteResultError
 from mmea_calc.model import AdaptedModel
 from mmea_calc.selection import TAG_KEY, AdapterSelector, Choice, Select
 
@@ -146,6 +147,7 @@ class MMEACalculator(Calculator):
         }
         if stress:
             result["stress"] = out["stress"].detach().cpu().to(torch.float64).numpy()
+        _check_finite(result, atoms_list, choices)
         return result
 
     @staticmethod
@@ -213,6 +215,25 @@ class MMEACalculator(Calculator):
             raw = self._run(group, [choices[i] for i in chunk], stress)
             results += [self._results_of(raw, j, choices[i]) for j, i in enumerate(chunk)]
         return results
+
+
+def _check_finite(
+    result: dict[str, np.ndarray], atoms_list: Sequence[ase.Atoms], choices: Sequence[Choice]
+) -> None:
+    """Raise rather than hand NaN/inf to an MD or relaxation driver."""
+    ptr = result["ptr"]
+    for i, (atoms, choice) in enumerate(zip(atoms_list, choices, strict=True)):
+        values = [result["energy"][i : i + 1], result["forces"][ptr[i] : ptr[i + 1]]]
+        if "stress" in result:
+            values.append(result["stress"][i])
+        if not all(np.isfinite(v).all() for v in values):
+            distance = "" if choice.distance is None else f", router distance {choice.distance:.3g}"
+            raise NonFiniteResultError(
+                "the model gave NaN/inf energy, forces or stress for "
+                f"{atoms.get_chemical_formula()} (adapter {choice.name!r}{distance}); the "
+                "structure is probably far outside the base model's or the adapter's training "
+                "data (atoms too close?)"
+            )
 
 
 def _chunks(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:

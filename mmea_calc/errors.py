@@ -19,6 +19,7 @@ __all__ = [
     "InvalidStructureError",
     "MmeaCalcError",
     "NoCandidateAdapterError",
+    "NonFiniteResultError",
     "OutputExistsError",
     "TargetError",
     "UnsupportedElementError",
@@ -79,6 +80,10 @@ class NoCandidateAdapterError(MmeaCalcError, LookupError):
 
 class OutputExistsError(MmeaCalcError, FileExistsError):
     """The output directory already holds results (pass ``overwrite`` or ``resume``)."""
+
+
+class NonFiniteResultError(MmeaCalcError, FloatingPointError):
+    """The model produced NaN/inf energies or forces (a structure far outside its domain)."""
 
 
 class DataError(MmeaCalcError, ValueError):

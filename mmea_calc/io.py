@@ -106,6 +106,7 @@ def save_adapter(
         "rank": config.rank,
         "phi": config.phi,
         "shift_init_std": config.shift_init_std,
+        "logit_bound": config.logit_bound,
         "target_patterns": config.targets,
         "targets": {
             t: {"irreps_in": str(wrappers[t].irreps_in), "irreps_out": str(wrappers[t].irreps_out)}
@@ -205,6 +206,8 @@ def load_adapter(
             phi=cfg["phi"],
             targets=targets,
             shift_init_std=float(cfg.get("shift_init_std", 0.0)),
+            # absent in files written before the bound existed: those were trained unbounded
+            logit_bound=cfg.get("logit_bound"),
         )
     except (TypeError, ValueError) as exc:
         raise AdapterFormatError(f"adapter config in {str(directory)!r} is invalid: {exc}") from exc

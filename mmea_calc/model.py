@@ -35,18 +35,23 @@ class MMEAConfig:
         targets: ``None`` for every ``o3.Linear`` with internal weights, or module names / glob
             patterns (``"interactions.*.linear"``); each pattern must match something.
         shift_init_std: std of the normal init of ``W_s`` (0 keeps the adapter an exact identity).
+        logit_bound: soft bound ``c`` on gate logits (``c tanh(g / c)``), so that ``exp`` cannot
+            overflow far outside the training data; ``None`` for the paper's unbounded map.
     """
 
     rank: int = 16
     phi: str = "exp"
     targets: str | Sequence[str] | None = None
     shift_init_std: float = 0.0
+    logit_bound: float | None = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if self.phi not in PHI_CHOICES:
             raise ValueError(f"phi={self.phi!r} is not supported; valid: {list(PHI_CHOICES)}")
+        if self.logit_bound is not None and not self.logit_bound > 0:
+            raise ValueError(f"logit_bound must be > 0 or None, got {self.logit_bound!r}")
         if self.shift_init_std < 0:
             raise ValueError(f"shift_init_std must be >= 0, got {self.shift_init_std}")
         if isinstance(self.targets, str):
@@ -223,6 +228,7 @@ class AdaptedModel(torch.nn.Module):
                 lay.num_shifts,
                 phi=config.phi,
                 shift_init_std=config.shift_init_std,
+                logit_bound=config.logit_bound,
                 dtype=self.dtype,
                 device=self.device,
             )

@@ -58,3 +58,22 @@ def test_linear_without_scalar_input_is_refused():
     linear = o3.Linear(o3.Irreps("2x1o"), o3.Irreps("2x1o"))
     with pytest.raises(TargetError, match="no 0e input"):
         MMEALinear(linear, _RoutingSource())
+
+
+def test_logit_bound_keeps_gates_finite_and_near_exp_for_small_logits():
+    bounded = MMEAGate(2, 2, num_gates=3, num_shifts=0, logit_bound=10.0, dtype=torch.float64)
+    plain = MMEAGate(2, 2, num_gates=3, num_shifts=0, logit_bound=None, dtype=torch.float64)
+    plain.load_state_dict(bounded.state_dict())
+    with torch.no_grad():
+        for gate in (bounded, plain):
+            gate.gate.weight.fill_(1.0)
+    huge = torch.full((1, 2), 1e4, dtype=torch.float64)  # unnormalised 0e messages can be this big
+    assert torch.isinf(plain(huge)[0]).all()
+    scale = bounded(huge)[0]
+    assert torch.isfinite(scale).all() and scale.max() <= torch.exp(
+        torch.tensor(10.0, dtype=torch.float64)
+    ) * (1 + 1e-12)
+    small = torch.full((1, 2), 0.3, dtype=torch.float64)
+    assert torch.allclose(bounded(small)[0], plain(small)[0], rtol=1e-3)
+    with pytest.raises(ValueError, match="logit_bound"):
+        MMEAGate(2, 2, 1, 1, logit_bound=0.0)

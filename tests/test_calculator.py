@@ -273,3 +273,14 @@ def test_adapters_from_directories(tmp_path):
     ref = MMEACalculator(model, select="a")
     ref.calculate(atoms, ["energy"])
     assert calc.results["energy"] == ref.results["energy"]
+
+
+def test_non_finite_results_raise_instead_of_reaching_the_driver():
+    from mmea_calc.errors import NonFiniteResultError
+
+    model = AdaptedModel(build_tiny_mace())
+    model.add_adapter("wild", MMEAConfig(rank=4, logit_bound=None))
+    randomize_adapter(model, "wild", std=300.0)  # exp overflows: inf/NaN forces
+    calc = MMEACalculator(model, select="wild")
+    with pytest.raises(NonFiniteResultError, match="adapter 'wild'"):
+        calc.calculate(box(), ["energy", "forces"])

@@ -31,8 +31,10 @@ def test_round_trip_into_fresh_base_under_another_name(saved):
     name = fresh.load_adapter(path, name="liquid")
     assert name == "liquid" and fresh.active_adapter == "liquid"
     got = evaluate(fresh, [atoms], compute_stress=True)
+    # not bit-for-bit: e3nn's TorchScript kernels change the last bits between a model's first
+    # and later calls (~1e-18 here), so the same model does not reproduce itself bitwise either
     for key in ("energy", "forces", "stress"):
-        assert torch.equal(got[key], ref[key]), key
+        assert torch.allclose(got[key], ref[key], rtol=0, atol=1e-12), key
     assert fresh.adapter_e0s("liquid") == {1: 0.25, 8: -0.5}
     assert fresh.adapter_metadata("liquid")["environment"] == {"elements": ["H", "O"]}
     assert fresh.adapter_config("liquid").phi == "1+x"
@@ -107,3 +109,14 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left
+
+
+def test_logit_bound_round_trips_and_old_files_load_unbounded(saved, tmp_path):
+    model, path = saved
+    assert model.adapter_config("water").logit_bound == 10.0
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    assert cfg["logit_bound"] == 10.0
+    del cfg["logit_bound"]  # as written before the bound existed
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    fresh = AdaptedModel(build_tiny_mace())
+    assert fresh.adapter_config(fresh.load_adapter(path)).logit_bound is None
