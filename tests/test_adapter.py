@@ -65,7 +65,8 @@ def test_logit_bound_keeps_gates_finite_and_near_exp_for_small_logits():
     plain = MMEAGate(2, 2, num_gates=3, num_shifts=0, logit_bound=None, dtype=torch.float64)
     plain.load_state_dict(bounded.state_dict())
     with torch.no_grad():
-        for gate in (bounded, plain):
+        for gate in (bounded, plain):  # deterministic: positive bottleneck, positive logits
+            gate.down.weight.fill_(0.5)
             gate.gate.weight.fill_(1.0)
     huge = torch.full((1, 2), 1e4, dtype=torch.float64)  # unnormalised 0e messages can be this big
     assert torch.isinf(plain(huge)[0]).all()
