@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import json
 import logging
 import os
 import re
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save
 
 from mmea_calc._deps import mace, o3
 from mmea_calc.errors import BaseFormatError, EmbeddedAssetsMissingError, OutputExistsError
-from mmea_calc.io import atomic_write_bytes, atomic_write_json
+from mmea_calc.io import atomic_write_bytes, atomic_write_json, read_json_config
 
 __all__ = [
     "BASE_CONFIG_NAME",
@@ -452,22 +451,9 @@ def _read_document(directory: Path) -> dict[str, Any]:
                 f"{str(directory)!r} is not a base directory: {name} is missing (a base holds "
                 f"{BASE_CONFIG_NAME} and {BASE_WEIGHTS_NAME}; make one with mmea-calc convert-base)"
             )
-    path = directory / BASE_CONFIG_NAME
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BaseFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise BaseFormatError(f"{path} must hold a JSON object, not {type(document).__name__}")
-    missing = [k for k in _REQUIRED_KEYS if k not in document]
-    if missing:
-        raise BaseFormatError(f"{path} lacks required keys {missing}")
-    if document["format_version"] != BASE_FORMAT_VERSION:
-        raise BaseFormatError(
-            f"{path} has format_version {document['format_version']!r}; this mmea_calc reads "
-            f"version {BASE_FORMAT_VERSION} (upgrade mmea_calc to read newer bases)"
-        )
-    return document
+    return read_json_config(
+        directory / BASE_CONFIG_NAME, _REQUIRED_KEYS, BASE_FORMAT_VERSION, BaseFormatError, "bases"
+    )
 
 
 def read_base_dir(

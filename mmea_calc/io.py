@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,34 @@ def save_adapter(
     return directory
 
 
+def read_json_config(
+    path: Path,
+    required: Sequence[str],
+    version: int,
+    error: type[Exception],
+    kind: str,
+) -> dict[str, Any]:
+    """Read a JSON object with ``required`` keys and ``format_version == version``.
+
+    Raises ``error`` (a typed :mod:`mmea_calc.errors` class) naming the file and the problem.
+    """
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise error(f"{path} must hold a JSON object, not {type(document).__name__}")
+    missing = [k for k in required if k not in document]
+    if missing:
+        raise error(f"{path} lacks required keys {missing}")
+    if document["format_version"] != version:
+        raise error(
+            f"{path} has format_version {document['format_version']!r}; this mmea_calc reads "
+            f"version {version} (upgrade mmea_calc to read newer {kind})"
+        )
+    return document
+
+
 def read_adapter_dir(
     directory: str | os.PathLike,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -143,20 +171,7 @@ def read_adapter_dir(
                 f"{str(directory)!r} is not an adapter directory: {path.name} is missing "
                 f"(an adapter holds {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise AdapterFormatError(f"{cfg_path} must hold a JSON object, not {type(cfg).__name__}")
-    missing = [k for k in _REQUIRED_KEYS if k not in cfg]
-    if missing:
-        raise AdapterFormatError(f"{cfg_path} lacks required keys {missing}")
-    if cfg["format_version"] != FORMAT_VERSION:
-        raise AdapterFormatError(
-            f"{cfg_path} has format_version {cfg['format_version']!r}; this mmea_calc reads "
-            f"version {FORMAT_VERSION} (upgrade mmea_calc to read newer adapters)"
-        )
+    cfg = read_json_config(cfg_path, _REQUIRED_KEYS, FORMAT_VERSION, AdapterFormatError, "adapters")
     if cfg["method"] != "mmea":
         raise AdapterFormatError(f"{cfg_path} describes method {cfg['method']!r}, not 'mmea'")
     data = weights_path.read_bytes()
