@@ -30,12 +30,16 @@ from typing import Any
 import ase
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from mmea_calc._deps import mace, o3
 from mmea_calc.errors import BaseFormatError, EmbeddedAssetsMissingError, OutputExistsError
-from mmea_calc.io import atomic_write_bytes, atomic_write_json, read_json_config
+from mmea_calc.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    read_checked_safetensors,
+    read_json_config,
+)
 
 __all__ = [
     "BASE_CONFIG_NAME",
@@ -470,18 +474,12 @@ def read_base_dir(
 
     directory = Path(directory)
     document = _read_document(directory)
-    weights = directory / BASE_WEIGHTS_NAME
-    data = weights.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != document["tensors_sha256"]:
-        raise BaseFormatError(
-            f"{weights} is corrupt or does not belong to its config: sha256 {digest[:12]}… but "
-            f"{BASE_CONFIG_NAME} records {str(document['tensors_sha256'])[:12]}…"
-        )
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BaseFormatError(f"{weights} is not a valid safetensors file: {exc}") from exc
+    state = read_checked_safetensors(
+        directory / BASE_WEIGHTS_NAME,
+        document["tensors_sha256"],
+        BaseFormatError,
+        BASE_CONFIG_NAME,
+    )
     if not isinstance(document["config"], dict):
         raise BaseFormatError(f"{directory / BASE_CONFIG_NAME}: 'config' must be a JSON object")
     try:

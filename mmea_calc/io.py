@@ -157,6 +157,22 @@ def read_json_config(
     return document
 
 
+def read_checked_safetensors(
+    path: Path, expected_sha256: Any, error: type[Exception], config_name: str
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking it against the sha256 its config records."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected_sha256:
+        raise error(
+            f"{path} is corrupt or does not belong to its config: sha256 {digest[:12]}… "
+            f"but {config_name} records {str(expected_sha256)[:12]}…"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise error(f"{path} is not a valid safetensors file: {exc}") from exc
+
+
 def read_adapter_dir(
     directory: str | os.PathLike,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -174,17 +190,9 @@ def read_adapter_dir(
     cfg = read_json_config(cfg_path, _REQUIRED_KEYS, FORMAT_VERSION, AdapterFormatError, "adapters")
     if cfg["method"] != "mmea":
         raise AdapterFormatError(f"{cfg_path} describes method {cfg['method']!r}, not 'mmea'")
-    data = weights_path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != cfg["tensors_sha256"]:
-        raise AdapterFormatError(
-            f"{weights_path} is corrupt or does not belong to its config: sha256 {digest[:12]}… "
-            f"but {CONFIG_NAME} records {str(cfg['tensors_sha256'])[:12]}…"
-        )
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{weights_path} is not a valid safetensors file: {exc}") from exc
+    tensors = read_checked_safetensors(
+        weights_path, cfg["tensors_sha256"], AdapterFormatError, CONFIG_NAME
+    )
     return cfg, tensors
 
 
