@@ -26,6 +26,7 @@ import contextlib
 import json
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +113,13 @@ def _job(dataset: dict, label: str, epochs: int, threads: int, n_test: int | Non
     return result
 
 
+def _write_json(path: Path, results: dict) -> None:
+    """Atomic: a crash mid-write never costs the finished jobs."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def _plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -147,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--acac", action="store_true", help="also acetylacetone (300 K -> 600 K)")
     parser.add_argument("--methods", default="base," + ",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="jobs run side by side (each in its own process)"
+    )
     parser.add_argument("--n-test", type=int, default=None, help="first N test structures")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/accuracy.json"))
     parser.add_argument("--plot", default=None, help="PNG of force MAE vs trainable parameters")
@@ -164,24 +175,39 @@ def main(argv: list[str] | None = None) -> int:
         "model": MODEL.name,
         "epochs": args.epochs,
         "threads": args.threads,
+        "jobs": args.jobs,
         "machine": platform.machine(),
         "python": platform.python_version(),
         "command": "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    for set_name, dataset in _datasets(args).items():
+    datasets = _datasets(args)
+    pending = []
+    for set_name in datasets:
         done = results["datasets"].setdefault(set_name, {})
-        for label in args.methods.split(","):
-            if label in done:
-                continue
-            with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
-                future = pool.submit(_job, dataset, label, args.epochs, args.threads, args.n_test)
-                done[label] = future.result()
-            tests = {
-                k: round(v["forces_mae_meV_per_A"], 2) for k, v in done[label]["tests"].items()
-            }
-            print(f"{set_name} {label}: force MAE {tests}", file=sys.stderr)
-            out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        pending += [(set_name, label) for label in args.methods.split(",") if label not in done]
+    # Longest first (acac has 5x rMD17's training atoms), so parallel jobs end together.
+    pending.sort(key=lambda job: job[0] != "acac")
+    lock = threading.Lock()
+
+    def run(job: tuple[str, str]) -> None:
+        set_name, label = job
+        # A fresh process per job: its peak RSS is its own, and no state leaks between methods.
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(
+                _job, datasets[set_name], label, args.epochs, args.threads, args.n_test
+            )
+            result = future.result()
+        result["concurrent_jobs"] = args.jobs
+        tests = {k: round(v["forces_mae_meV_per_A"], 2) for k, v in result["tests"].items()}
+        with lock:
+            results["datasets"][set_name][label] = result
+            print(f"{set_name} {label}: force MAE {tests}", file=sys.stderr, flush=True)
+            _write_json(out, results)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as threads:
+        for future in [threads.submit(run, job) for job in pending]:
+            future.result()
     if args.plot:
         _plot(results, Path(args.plot))
     print(json.dumps(results, indent=2, sort_keys=True))

@@ -1,0 +1,157 @@
+"""Markdown tables for BENCHMARKS.md from the results JSON files (no measuring, no torch).
+
+The tables in BENCHMARKS.md are pasted from this script's output, so every number there can be
+traced to ``benchmarks/results/*.json``::
+
+    python benchmarks/report.py accuracy   # per-dataset table + goal check
+    python benchmarks/report.py speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BASE_PARAMETERS = 150_800  # mace-spice-small, every tensor
+ORDER = ("base", "mmea-r8", "mmea-r16", "lora-r4", "lora-r16", "full")
+# Goal 1 pairs: (MMEA, LoRA) at equal or fewer MMEA parameters.
+PAIRS = (("mmea-r8", "lora-r4"), ("mmea-r16", "lora-r16"))
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def accuracy_tables(results: dict) -> str:
+    lines = []
+    setup = results.get("setup", {})
+    lines.append(f"Command: `{setup.get('command', '?')}` ({setup.get('epochs')} epochs)\n")
+    for name, methods in results["datasets"].items():
+        if not methods:
+            continue
+        tests = list(next(iter(methods.values()))["tests"])
+        head = "| method | trainable params | s/epoch | peak RSS (MiB) | best epoch |"
+        rule = "|---|---|---|---|---|"
+        for test in tests:
+            head += f" E MAE {test} (meV/atom) | F MAE {test} (meV/Å) |"
+            rule += "---|---|"
+        lines += [f"**{name}**\n", head, rule]
+        for label in [m for m in ORDER if m in methods]:
+            res = methods[label]
+            params = res["trainable_parameters"]
+            share = f" ({100 * params / BASE_PARAMETERS:.1f} %)" if params else ""
+            row = (
+                f"| {label} | {params:,}{share} | {_f(res.get('seconds_per_epoch'))} | "
+                f"{_f(res.get('peak_rss_mib'), 0)} | {res.get('best_epoch', '–')} |"
+            )
+            for test in tests:
+                metrics = res["tests"][test]
+                row += (
+                    f" {_f(metrics['energy_mae_meV_per_atom'], 2)} |"
+                    f" {_f(metrics['forces_mae_meV_per_A'])} |"
+                )
+            lines.append(row)
+        lines.append("")
+    lines.append(goal_table(results))
+    return "\n".join(lines)
+
+
+def goal_table(results: dict) -> str:
+    """Per dataset (first test set): the two accuracy goals, as numbers and as ✔/✘."""
+    head = (
+        "| dataset | MMEA r8 / LoRA r4 F MAE | MMEA r16 / LoRA r16 F MAE | "
+        "best MMEA / full F MAE | MMEA params / full |"
+    )
+    lines = [head, "|---|---|---|---|---|"]
+    wins = total = within = 0
+    for name, methods in results["datasets"].items():
+        if not all(m in methods for m in ORDER):
+            continue
+        test = next(iter(methods["full"]["tests"]))
+
+        def fmae(label: str, test: str = test, methods: dict = methods) -> float:
+            return methods[label]["tests"][test]["forces_mae_meV_per_A"]
+
+        cells = []
+        for ours, theirs in PAIRS:
+            ratio = fmae(ours) / fmae(theirs)
+            fewer = methods[ours]["trainable_parameters"] <= methods[theirs]["trainable_parameters"]
+            ok = ratio <= 1.0
+            wins += ok
+            total += 1
+            note = "" if fewer else " (MMEA has more params)"
+            cells.append(f"{ratio:.3f} {'✔' if ok else '✘'}{note}")
+        best = min(("mmea-r8", "mmea-r16"), key=fmae)
+        ratio = fmae(best) / fmae("full")
+        share = methods[best]["trainable_parameters"] / methods["full"]["trainable_parameters"]
+        ok = ratio <= 1.10 and share <= 0.10
+        within += ok
+        cells.append(f"{ratio:.3f} ({best}) {'✔' if ok else '✘'}")
+        cells.append(f"{100 * share:.1f} %")
+        lines.append(f"| {name} ({test}) | " + " | ".join(cells) + " |")
+    n_sets = len(lines) - 2
+    lines.append("")
+    lines.append(
+        f"MMEA ≤ LoRA in {wins} of {total} pairings; best MMEA within 10 % of full with ≤ 10 % "
+        f"of its parameters on {within} of {n_sets} datasets."
+    )
+    return "\n".join(lines)
+
+
+def speed_tables(results: dict) -> str:
+    lines = [
+        f"Command: `{results.get('command', '?')}`\n",
+        "| atoms | MMEACalculator (ms) | MACECalculator (ms) | ratio of medians | "
+        "adjacent-pair ratio: median [quartiles] | repeats |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["per_step"]:
+        pairs = "–"
+        if "pair_ratio_median" in row:
+            q1, q3 = row["pair_ratio_quartiles"]
+            pairs = f"**{row['pair_ratio_median']:.3f}** [{q1:.3f}, {q3:.3f}]"
+        lines.append(
+            f"| {row['atoms']} | {row['mmea_ms']:.1f} | {row['mace_ms']:.1f} | "
+            f"{row['ratio']:.3f} | {pairs} | {row['repeats']} |"
+        )
+    fb = results["forward_backward_99_atoms"]
+    sw = results["switch"]
+    batch = results["batch_64_molecules"]
+    mem = results["memory"]
+    lines += [
+        "",
+        "| measurement | value |",
+        "|---|---|",
+        f"| forward+backward, AdaptedModel vs bare base, 99 atoms | {fb['adapted_ms']:.1f} vs "
+        f"{fb['bare_ms']:.1f} ms → **{fb['ratio']:.3f}×** |",
+        f"| adapter switch (`set_adapter`) vs a new `MACECalculator` | "
+        f"**{sw['set_adapter_us']:.2f} µs** vs {sw['new_mace_calculator_ms']:.1f} ms |",
+        f"| `calculate_batch` 64 molecules ({batch['atoms']} atoms), 2 adapters, vs 64 single "
+        f"calls | {batch['batch_s']:.3f} s vs {batch['single_s']:.3f} s → "
+        f"**{batch['throughput_ratio']:.2f}×** |",
+        f"| memory per extra adapter | {mem['adapter_tensor_kib']:.0f} KiB tensors, RSS "
+        f"+{mem['rss_per_adapter_kib']:.0f} KiB |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=("accuracy", "speed"))
+    parser.add_argument("--results", default=None, help="JSON file (default: results/<which>.json)")
+    args = parser.parse_args(argv)
+    path = Path(args.results or RESULTS / f"{args.which}.json")
+    if not path.is_file():
+        print(f"no results at {path}: run benchmarks/{args.which}.py first", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    print(accuracy_tables(results) if args.which == "accuracy" else speed_tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The benchmark scripts: they run end to end on a tiny stand-in, resume, skip without assets,
+and the report's goal check counts what it says it counts."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import ase.io
+import pytest
+import torch
+from _synthetic import teacher_data
+
+from mmea_calc.testing import build_tiny_mace
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (registered, so worker processes find it)."""
+    module_name = f"_bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture
+def toy_rmd17(tmp_path, monkeypatch):
+    """A tiny base .model and an rMD17-shaped folder ``toy/{train,valid,test}.xyz``."""
+    accuracy = _load("accuracy")
+    torch.save(build_tiny_mace(), tmp_path / "base.model")
+    data = teacher_data(n=16)
+    folder = tmp_path / "rmd17" / "toy"
+    folder.mkdir(parents=True)
+    ase.io.write(folder / "train.xyz", data[:8])
+    ase.io.write(folder / "valid.xyz", data[8:12])
+    ase.io.write(folder / "test.xyz", data[12:])
+    monkeypatch.setattr(accuracy, "MODEL", tmp_path / "base.model")
+    monkeypatch.setattr(accuracy, "RMD17", tmp_path / "rmd17")
+    return accuracy
+
+
+def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch):
+    accuracy = toy_rmd17
+    out, png = tmp_path / "acc.json", tmp_path / "acc.png"
+    args = ["--epochs", "1", "--molecules", "toy", "--methods", "base,mmea-r8,lora-r4"]
+    args += ["--threads", "1", "--jobs", "2", "--out", str(out), "--plot", str(png)]
+    assert accuracy.main(args) == 0
+    results = json.loads(out.read_text())
+    jobs = results["datasets"]["rmd17-toy"]
+    assert set(jobs) == {"base", "mmea-r8", "lora-r4"}
+    assert jobs["base"]["trainable_parameters"] == 0
+    assert jobs["mmea-r8"]["trainable_parameters"] > 0
+    assert jobs["lora-r4"]["trainable_parameters"] > 0
+    for res in jobs.values():
+        test = res["tests"]["test"]
+        assert test["n_structures"] == 4
+        assert test["forces_mae_meV_per_A"] > 0
+        assert res["peak_rss_mib"] > 10
+    assert results["setup"]["epochs"] == 1
+    assert png.stat().st_size > 1000
+
+    # A re-run skips finished jobs: nothing is trained again.
+    def boom(*_args, **_kwargs):
+        raise AssertionError("a finished job ran again")
+
+    monkeypatch.setattr(accuracy, "_job", boom)
+    assert accuracy.main(args) == 0
+    assert json.loads(out.read_text())["datasets"] == results["datasets"]
+
+
+def test_benchmarks_skip_with_a_message_without_shared_assets(tmp_path, monkeypatch, capsys):
+    for name in ("accuracy", "speed"):
+        module = _load(name)
+        monkeypatch.setattr(module, "MODEL", tmp_path / "absent.model")
+        assert module.main(["--out", str(tmp_path / f"{name}.json")]) == 0
+        assert "absent" in capsys.readouterr().err
+        assert not (tmp_path / f"{name}.json").exists()
+
+
+def _fake_accuracy(f_mae: dict[str, float]) -> dict:
+    params = {"base": 0, "mmea-r8": 6000, "mmea-r16": 12000, "lora-r4": 7800}
+    params.update({"lora-r16": 31000, "full": 150800})
+    jobs = {}
+    for label, value in f_mae.items():
+        metrics = {"energy_mae_meV_per_atom": 1.0, "forces_mae_meV_per_A": value}
+        jobs[label] = {"trainable_parameters": params[label], "tests": {"test": metrics}}
+    return {"setup": {"command": "x", "epochs": 1}, "datasets": {"rmd17-toy": jobs}}
+
+
+def test_report_goal_check_counts_wins_and_misses():
+    report = _load("report")
+    good = {"base": 300, "mmea-r8": 40, "mmea-r16": 36, "lora-r4": 45, "lora-r16": 35, "full": 34}
+    results = _fake_accuracy(good)
+    other = copy.deepcopy(results["datasets"]["rmd17-toy"])
+    other["mmea-r8"]["tests"]["test"]["forces_mae_meV_per_A"] = 50.0  # loses to LoRA r4 (45)
+    other["mmea-r16"]["tests"]["test"]["forces_mae_meV_per_A"] = 40.0  # 1.18x full: misses
+    results["datasets"]["rmd17-other"] = other
+    text = report.accuracy_tables(results)
+    # toy: r8/r4 = 40/45 win, r16/r16 = 36/35 loss; best MMEA 36/34 = 1.059 within 10 %.
+    # other: 50/45 loss, 40/35 loss; best 40/34 = 1.176 misses.
+    assert "MMEA ≤ LoRA in 1 of 4 pairings" in text
+    assert "on 1 of 2 datasets" in text
+    assert "| rmd17-toy (test) | 0.889 ✔ | 1.029 ✘ | 1.059 (mmea-r16) ✔ | 8.0 % |" in text
+    # Missing methods: the dataset is tabled but left out of the goal check.
+    del results["datasets"]["rmd17-other"]["full"]
+    assert "on 1 of 1 datasets" in report.accuracy_tables(results)
+
+
+def test_speed_replot_draws_from_results(tmp_path):
+    speed = _load("speed")
+    rows = [
+        {"atoms": n, "mmea_ms": 1.04 * n, "mace_ms": n, "ratio": 1.04, "repeats": 3}
+        for n in (30, 201, 999)
+    ]
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps({"machine": {"threads": 2}, "per_step": rows}))
+    png = tmp_path / "speed.png"
+    assert speed.main(["--out", str(path), "--replot", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
