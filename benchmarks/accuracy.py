@@ -121,28 +121,41 @@ def _write_json(path: Path, results: dict) -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
+    """Force MAE vs trainable parameters: one panel per (dataset, test set)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = list(results["datasets"])
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], sets, strict=True):
-        for label, res in results["datasets"][name].items():
+    panels = [
+        (name, test)
+        for name, jobs in results["datasets"].items()
+        if jobs
+        for test in next(iter(jobs.values()))["tests"]
+    ]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    styles = {"mmea": ("o", "C0"), "lora": ("s", "C1"), "full": ("D", "C2")}
+    for ax, (name, test) in zip(axes.flat, panels, strict=False):
+        jobs = results["datasets"][name]
+        for label, res in jobs.items():
+            mae = res["tests"][test]["forces_mae_meV_per_A"]
             if label == "base":
+                ax.set_title(f"{name} {test}\n(base, no fine-tuning: {mae:.0f} meV/Å)", fontsize=8)
                 continue
-            test = next(iter(res["tests"].values()))
-            ax.scatter(res["trainable_parameters"], test["forces_mae_meV_per_A"], label=label)
-            ax.annotate(
-                label, (res["trainable_parameters"], test["forces_mae_meV_per_A"]), fontsize=7
-            )
+            marker, color = styles[label.split("-")[0]]
+            ax.scatter(res["trainable_parameters"], mae, marker=marker, color=color)
+            ax.annotate(label, (res["trainable_parameters"], mae), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel("test force MAE (meV/Å)")
-        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("trainable parameters", fontsize=8)
+        ax.set_ylabel("test force MAE (meV/Å)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
