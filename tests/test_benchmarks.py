@@ -108,11 +108,11 @@ def test_report_goal_check_counts_wins_and_misses():
     # toy: r8/r4 = 40/45 win, r16/r16 = 36/35 loss; best MMEA 36/34 = 1.059 within 10 %.
     # other: 50/45 loss, 40/35 loss; best 40/34 = 1.176 misses.
     assert "MMEA ≤ LoRA in 1 of 4 pairings" in text
-    assert "on 1 of 2 datasets" in text
+    assert "on 1 of 2 test sets" in text
     assert "| rmd17-toy (test) | 0.889 ✔ | 1.029 ✘ | 1.059 (mmea-r16) ✔ | 8.0 % |" in text
     # Missing methods: the dataset is tabled but left out of the goal check.
     del results["datasets"]["rmd17-other"]["full"]
-    assert "on 1 of 1 datasets" in report.accuracy_tables(results)
+    assert "on 1 of 1 test sets" in report.accuracy_tables(results)
 
 
 def test_speed_replot_draws_from_results(tmp_path):
