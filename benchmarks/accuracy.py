@@ -48,6 +48,18 @@ ALL_MOLECULES = (
 )
 
 
+def _parse_label(label: str) -> tuple[str, int]:
+    """``mmea-r8`` -> ("mmea", 8), ``lora-r4`` -> ("lora", 4), ``full`` -> ("full", 16)."""
+    if label in METHODS:
+        return METHODS[label]
+    method, _, rank = label.partition("-r")
+    if method in ("mmea", "lora") and rank.isdigit() and int(rank) > 0:
+        return method, int(rank)
+    raise SystemExit(
+        f"unknown method {label!r}: use base, full, mmea-rN or lora-rN (e.g. {', '.join(METHODS)})"
+    )
+
+
 def _datasets(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     sets: dict[str, dict[str, object]] = {}
     for mol in filter(None, args.molecules.split(",")):
@@ -90,7 +102,7 @@ def _job(dataset: dict, label: str, epochs: int, threads: int, n_test: int | Non
         result: dict = {}
         module = base
         if label != "base":
-            method, rank = METHODS[label]
+            method, rank = _parse_label(label)
             config = TrainConfig(method=method, rank=rank, epochs=epochs, patience=None)
             tic = time.perf_counter()
             fit = fit_adapter(base, train, valid, config, name=label.replace("-", "_"))
@@ -177,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default=None, help="PNG of force MAE vs trainable parameters")
     parser.add_argument("--fresh", action="store_true", help="ignore finished jobs in --out")
     args = parser.parse_args(argv)
+    for label in args.methods.split(","):
+        if label != "base":
+            _parse_label(label)  # fail before hours of work, not in the middle
     if not MODEL.is_file():
         print(f"skipping: shared assets absent ({MODEL})", file=sys.stderr)
         return 0

@@ -77,6 +77,14 @@ def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch
     assert json.loads(out.read_text())["datasets"] == results["datasets"]
 
 
+def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path):
+    accuracy = _load("accuracy")
+    assert accuracy._parse_label("mmea-r32") == ("mmea", 32)
+    with pytest.raises(SystemExit, match=r"unknown method 'mmea-x'.*mmea-rN"):
+        accuracy.main(["--methods", "base,mmea-x", "--out", str(tmp_path / "a.json")])
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_benchmarks_skip_with_a_message_without_shared_assets(tmp_path, monkeypatch, capsys):
     for name in ("accuracy", "speed"):
         module = _load(name)
