@@ -199,15 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     results = {"datasets": {}}
     if out.is_file() and not args.fresh:
         results = json.loads(out.read_text())
-    results["setup"] = {
-        "model": MODEL.name,
-        "epochs": args.epochs,
-        "threads": args.threads,
-        "jobs": args.jobs,
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "command": "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:]),
-    }
     out.parent.mkdir(parents=True, exist_ok=True)
     datasets = _datasets(args)
     pending = []
@@ -216,6 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         pending += [(set_name, label) for label in args.methods.split(",") if label not in done]
     # Longest first (acac has 5x rMD17's training atoms), so parallel jobs end together.
     pending.sort(key=lambda job: job[0] != "acac")
+    stored = results.get("setup", {}).get("epochs")
+    if pending and stored is not None and stored != args.epochs:
+        raise SystemExit(
+            f"{out} holds {stored}-epoch results; finishing it with --epochs {args.epochs} would "
+            f"mix schedules: use --epochs {stored}, another --out, or --fresh"
+        )
+    if pending or "setup" not in results:  # a re-run that only re-plots keeps the record
+        results["setup"] = {
+            "model": MODEL.name,
+            "epochs": args.epochs,
+            "threads": args.threads,
+            "jobs": args.jobs,
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "command": "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:]),
+        }
     lock = threading.Lock()
 
     def run(job: tuple[str, str]) -> None:

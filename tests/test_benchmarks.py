@@ -73,8 +73,16 @@ def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch
         raise AssertionError("a finished job ran again")
 
     monkeypatch.setattr(accuracy, "_job", boom)
-    assert accuracy.main(args) == 0
-    assert json.loads(out.read_text())["datasets"] == results["datasets"]
+    png.unlink()
+    assert accuracy.main([*args, "--jobs", "1"]) == 0
+    again = json.loads(out.read_text())
+    assert again == results  # datasets and the recorded command/setup unchanged
+    assert png.is_file()  # re-plotted
+
+    # Finishing a file with another schedule would mix epochs: refused, nothing changed.
+    with pytest.raises(SystemExit, match="1-epoch results"):
+        accuracy.main([*args, "--epochs", "2", "--methods", "base,mmea-r16"])
+    assert json.loads(out.read_text()) == results
 
 
 def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path):
