@@ -204,9 +204,12 @@ def test_sigint_writes_the_best_adapter_so_far(files, tmp_path):
     argv = [sys.executable, "-m", "mmea_calc.cli", "--threads", "1", "finetune"]
     argv += ["--base", files["base"], "--train", files["train"], "--valid", files["valid"]]
     argv += ["--out", str(out), "--rank", "4", "--epochs", "1000", "--batch-size", "7"]
+    # A shell starts background jobs with SIGINT ignored, the child inherits that and Python then
+    # installs no KeyboardInterrupt handler: give the child the default disposition back.
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.safetensors").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
