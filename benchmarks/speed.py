@@ -255,7 +255,14 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("ms per step (E, F, stress)")
     ax.legend(fontsize=8)
     ax.set_title(f"liquid water, float64, {results['machine']['threads']} CPU threads", fontsize=9)
-    ax_ratio.plot(atoms, [row["ratio"] for row in rows], "k.-")
+    if all("pair_ratio_median" in row for row in rows):
+        mid = [row["pair_ratio_median"] for row in rows]
+        low = [m - row["pair_ratio_quartiles"][0] for m, row in zip(mid, rows, strict=True)]
+        high = [row["pair_ratio_quartiles"][1] - m for m, row in zip(mid, rows, strict=True)]
+        ax_ratio.errorbar(atoms, mid, yerr=[low, high], fmt="k.-", capsize=3,
+                          label="adjacent pairs: median, quartiles")  # fmt: skip
+    else:
+        ax_ratio.plot(atoms, [row["ratio"] for row in rows], "k.-", label="ratio of medians")
     ax_ratio.axhline(1.05, color="r", lw=0.8, ls=":", label="goal 1.05")
     ax_ratio.axhline(1.0, color="0.6", lw=0.8)
     ax_ratio.set_ylabel("MMEA / MACE")
