@@ -48,15 +48,24 @@ ALL_MOLECULES = (
 )
 
 
-def _parse_label(label: str) -> tuple[str, int]:
-    """``mmea-r8`` -> ("mmea", 8), ``lora-r4`` -> ("lora", 4), ``full`` -> ("full", 16)."""
+def _parse_label(label: str) -> tuple[str, int, float | None]:
+    """``mmea-r8`` -> ("mmea", 8, None); ``lora-r16-a16`` -> ("lora", 16, 16.0).
+
+    ``-aM`` sets LoRA's alpha (scaling ``alpha / rank``); without it mace-torch's default
+    alpha = 1 applies. ``full`` trains every tensor (the rank is unused).
+    """
     if label in METHODS:
-        return METHODS[label]
-    method, _, rank = label.partition("-r")
-    if method in ("mmea", "lora") and rank.isdigit() and int(rank) > 0:
-        return method, int(rank)
+        return (*METHODS[label], None)
+    method, _, rest = label.partition("-r")
+    rank, has_alpha, alpha = rest.partition("-a")
+    ok = method in ("mmea", "lora") and rank.isdigit() and int(rank) > 0
+    if ok and has_alpha:
+        ok = method == "lora" and alpha.isdigit() and int(alpha) > 0
+    if ok:
+        return method, int(rank), float(alpha) if alpha else None
     raise SystemExit(
-        f"unknown method {label!r}: use base, full, mmea-rN or lora-rN (e.g. {', '.join(METHODS)})"
+        f"unknown method {label!r}: use base, full, mmea-rN, lora-rN or lora-rN-aM (LoRA alpha M), "
+        f"e.g. {', '.join(METHODS)}, lora-r16-a16"
     )
 
 
@@ -102,8 +111,10 @@ def _job(dataset: dict, label: str, epochs: int, threads: int, n_test: int | Non
         result: dict = {}
         module = base
         if label != "base":
-            method, rank = _parse_label(label)
-            config = TrainConfig(method=method, rank=rank, epochs=epochs, patience=None)
+            method, rank, alpha = _parse_label(label)
+            extra = {} if alpha is None else {"lora_alpha": alpha}
+            config = TrainConfig(method=method, rank=rank, epochs=epochs, patience=None, **extra)
+            result.update(extra)
             tic = time.perf_counter()
             fit = fit_adapter(base, train, valid, config, name=label.replace("-", "_"))
             module = fit.model
@@ -179,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated rMD17 molecules (all: {ALL_MOLECULES})",
     )
     parser.add_argument("--acac", action="store_true", help="also acetylacetone (300 K -> 600 K)")
-    parser.add_argument("--methods", default="base," + ",".join(METHODS))
+    parser.add_argument(
+        "--methods",
+        default="base," + ",".join(METHODS),
+        help="comma-separated: base, full, mmea-rN, lora-rN, lora-rN-aM (LoRA alpha M; default 1)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
     parser.add_argument(
         "--jobs", type=int, default=1, help="jobs run side by side (each in its own process)"
@@ -213,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{out} holds {stored}-epoch results; finishing it with --epochs {args.epochs} would "
             f"mix schedules: use --epochs {stored}, another --out, or --fresh"
         )
+    command = "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:])
     if pending or "setup" not in results:  # a re-run that only re-plots keeps the record
+        previous = results.get("setup", {})
+        # Every command that added jobs to this file, oldest first.
+        history = previous.get("commands", [previous["command"]] if "command" in previous else [])
         results["setup"] = {
             "model": MODEL.name,
             "epochs": args.epochs,
@@ -221,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs,
             "machine": platform.machine(),
             "python": platform.python_version(),
-            "command": "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:]),
+            "command": command,
+            "commands": [*history, command],
         }
     lock = threading.Lock()
 

@@ -29,7 +29,10 @@ def _f(value: float | None, digits: int = 1) -> str:
 def accuracy_tables(results: dict) -> str:
     lines = []
     setup = results.get("setup", {})
-    lines.append(f"Command: `{setup.get('command', '?')}` ({setup.get('epochs')} epochs)\n")
+    commands = setup.get("commands") or [setup.get("command", "?")]
+    lines.append(f"{setup.get('epochs')} epochs; commands that filled this file:\n")
+    lines += [f"    {command}" for command in commands]
+    lines.append("")
     for name, methods in results["datasets"].items():
         if not methods:
             continue
@@ -40,7 +43,8 @@ def accuracy_tables(results: dict) -> str:
             head += f" E MAE {test} (meV/atom) | F MAE {test} (meV/Å) |"
             rule += "---|---|"
         lines += [f"**{name}**\n", head, rule]
-        for label in [m for m in ORDER if m in methods]:
+        # The standard labels first, then any others (e.g. lora-r16-a16) as they were run.
+        for label in [m for m in ORDER if m in methods] + [m for m in methods if m not in ORDER]:
             res = methods[label]
             params = res["trainable_parameters"]
             share = f" ({100 * params / BASE_PARAMETERS:.1f} %)" if params else ""

@@ -72,6 +72,7 @@ def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch
     def boom(*_args, **_kwargs):
         raise AssertionError("a finished job ran again")
 
+    job = accuracy._job
     monkeypatch.setattr(accuracy, "_job", boom)
     png.unlink()
     assert accuracy.main([*args, "--jobs", "1"]) == 0
@@ -84,12 +85,30 @@ def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch
         accuracy.main([*args, "--epochs", "2", "--methods", "base,mmea-r16"])
     assert json.loads(out.read_text()) == results
 
+    # Adding a method with LoRA's alpha set: trained with it, both commands on record.
+    monkeypatch.setattr(accuracy, "_job", job)
+    more = [*args[:4], "--methods", "lora-r4-a4", "--threads", "1", "--out", str(out)]
+    assert accuracy.main(more) == 0
+    grown = json.loads(out.read_text())
+    alpha4 = grown["datasets"]["rmd17-toy"]["lora-r4-a4"]
+    assert alpha4["lora_alpha"] == 4.0
+    assert alpha4["trainable_parameters"] == jobs["lora-r4"]["trainable_parameters"]
+    assert alpha4["tests"]["test"] != jobs["lora-r4"]["tests"]["test"]  # alpha changed the fit
+    assert grown["setup"]["commands"] == [
+        "python benchmarks/accuracy.py " + " ".join(args),
+        "python benchmarks/accuracy.py " + " ".join(more),
+    ]
 
-def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path):
+
+def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path, monkeypatch):
     accuracy = _load("accuracy")
-    assert accuracy._parse_label("mmea-r32") == ("mmea", 32)
-    with pytest.raises(SystemExit, match=r"unknown method 'mmea-x'.*mmea-rN"):
-        accuracy.main(["--methods", "base,mmea-x", "--out", str(tmp_path / "a.json")])
+    # Were a label wrongly accepted, main() must not start hours of work on the real assets.
+    monkeypatch.setattr(accuracy, "MODEL", tmp_path / "absent.model")
+    assert accuracy._parse_label("mmea-r32") == ("mmea", 32, None)
+    assert accuracy._parse_label("lora-r16-a16") == ("lora", 16, 16.0)
+    for bad in ("mmea-x", "mmea-r8-a8", "lora-r4-a", "lora-r0", "full-r4"):
+        with pytest.raises(SystemExit, match=rf"unknown method '{bad}'.*lora-rN-aM"):
+            accuracy.main(["--methods", f"base,{bad}", "--out", str(tmp_path / "a.json")])
     assert not (tmp_path / "a.json").exists()
 
 
@@ -126,6 +145,13 @@ def test_report_goal_check_counts_wins_and_misses():
     assert "MMEA ≤ LoRA in 1 of 4 pairings" in text
     assert "on 1 of 2 test sets" in text
     assert "| rmd17-toy (test) | 0.889 ✔ | 1.029 ✘ | 1.059 (mmea-r16) ✔ | 8.0 % |" in text
+    # Extra labels are tabled after the standard ones; the goal check ignores them.
+    extra = copy.deepcopy(results["datasets"]["rmd17-toy"]["lora-r16"])
+    results["datasets"]["rmd17-toy"]["lora-r16-a16"] = extra
+    text = report.accuracy_tables(results)
+    rows = [line.split(" |")[0] for line in text.splitlines() if line.startswith("| lora")]
+    assert rows == ["| lora-r4", "| lora-r16", "| lora-r16-a16", "| lora-r4", "| lora-r16"]
+    assert "MMEA ≤ LoRA in 1 of 4 pairings" in text
     # Missing methods: the dataset is tabled but left out of the goal check.
     del results["datasets"]["rmd17-other"]["full"]
     assert "on 1 of 1 test sets" in report.accuracy_tables(results)
