@@ -155,6 +155,8 @@ def test_report_goal_check_counts_wins_and_misses():
     # Missing methods: the dataset is tabled but left out of the goal check.
     del results["datasets"]["rmd17-other"]["full"]
     assert "on 1 of 1 test sets" in report.accuracy_tables(results)
+    del results["datasets"]["rmd17-toy"]["full"]
+    assert "goal check skipped" in report.accuracy_tables(results)
 
 
 def test_speed_replot_draws_from_results(tmp_path):
