@@ -159,7 +159,12 @@ def _plot(results: dict, path: Path) -> None:
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
-    styles = {"mmea": ("o", "C0"), "lora": ("s", "C1"), "full": ("D", "C2")}
+    styles = {
+        "mmea": ("o", "C0"),
+        "lora": ("s", "C1"),
+        "lora-alpha": ("^", "C3"),
+        "full": ("D", "C2"),
+    }
     for ax, (name, test) in zip(axes.flat, panels, strict=False):
         jobs = results["datasets"][name]
         for label, res in jobs.items():
@@ -167,7 +172,8 @@ def _plot(results: dict, path: Path) -> None:
             if label == "base":
                 ax.set_title(f"{name} {test}\n(base, no fine-tuning: {mae:.0f} meV/Å)", fontsize=8)
                 continue
-            marker, color = styles[label.split("-")[0]]
+            kind = label.split("-")[0]
+            marker, color = styles["lora-alpha" if "-a" in label else kind]
             ax.scatter(res["trainable_parameters"], mae, marker=marker, color=color)
             ax.annotate(label, (res["trainable_parameters"], mae), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
