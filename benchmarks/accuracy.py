@@ -246,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs,
             "machine": platform.machine(),
             "python": platform.python_version(),
-            "command": command,
             "commands": [*history, command],
         }
     lock = threading.Lock()
