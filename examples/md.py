@@ -24,7 +24,7 @@ except ImportError:  # older ASE
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
 from mmea_calc import MMEACalculator
-from mmea_calc.demo import water_box
+from mmea_calc.build import water_box
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,7 +18,7 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS
 
 from mmea_calc import MMEACalculator
-from mmea_calc.demo import water_box
+from mmea_calc.build import water_box
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,115 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import ase
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
+from torch_ema import ExponentialMovingAverage
 
-from mmea_calc.data import collate, has_stress, reference_values
+from mmea_calc.data import collate, fit_e0_correction, has_stress, reference_values
 from mmea_calc.errors import DataError
-from mmea_calc.io import atomic_write_bytes
+from mmea_calc.files import CHECKPOINT_NAME, atomic_write_bytes
+from mmea_calc.metrics import error_metrics, loss_fn, predict
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_VERSION = 1
 RESUMABLE = ("epochs", "patience", "device", "eval_batch_size")
 IMPROVEMENT = 1e-4  # relative drop of the validation criterion that counts as better
 
 
-# ---------------------------------------------------------------------------- prediction
 def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     param = next(module.parameters())
     return param.device, param.dtype
-
-
-def predict(
-    module: torch.nn.Module,
-    graphs: Sequence[Any],
-    *,
-    batch_size: int = 16,
-    forces: bool = True,
-    stress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Energies ``[n]`` (eV), forces ``[n_atoms, 3]`` and stresses ``[n, 3, 3]`` of graphs.
-
-    ``module`` is a MACE model or an :class:`~mmea_calc.AdaptedModel`; graphs come from
-    :func:`~mmea_calc.data.atoms_to_graph` / :func:`~mmea_calc.data.labelled_graphs`. Results
-    are float64 numpy arrays.
-    """
-    device, dtype = _device_dtype(module)
-    energy, force, stresses = [], [], []
-    for start in range(0, len(graphs), batch_size):
-        data = collate(graphs[start : start + batch_size], dtype=dtype, device=device)
-        out = module(data, training=False, compute_force=forces, compute_stress=stress)
-        energy.append(out["energy"].detach().cpu().double().numpy())
-        if forces:
-            force.append(out["forces"].detach().cpu().double().numpy())
-        if stress:
-            stresses.append(out["stress"].detach().cpu().double().numpy())
-    result = {"energy": np.concatenate(energy)}
-    if forces:
-        result["forces"] = np.concatenate(force)
-    if stress:
-        result["stress"] = np.concatenate(stresses)
-    return result
-
-
-def loss_fn(
-    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: Any, use_stress: bool
-) -> torch.Tensor:
-    """Weighted MSE of energy per atom, forces and (when labelled) stress; masked by weights."""
-    num_atoms = (batch["ptr"][1:] - batch["ptr"][:-1]).to(out["energy"].dtype)
-    w_e = batch["weight"] * batch["energy_weight"]
-    err_e = ((out["energy"] - batch["energy"]) / num_atoms) ** 2
-    loss = config.energy_weight * (w_e * err_e).sum() / w_e.sum().clamp_min(1e-12)
-    w_f = (batch["weight"] * batch["forces_weight"])[batch["batch"]]
-    err_f = ((out["forces"] - batch["forces"]) ** 2).sum(dim=1)
-    loss = loss + config.forces_weight * (w_f * err_f).sum() / (3 * w_f.sum()).clamp_min(1e-12)
-    if use_stress:
-        w_s = batch["weight"] * batch["stress_weight"]
-        err_s = ((out["stress"] - batch["stress"]) ** 2).sum(dim=(1, 2))
-        err_s = torch.where(w_s > 0, err_s, torch.zeros_like(err_s))  # no cell: NaN stress
-        loss = loss + config.stress_weight * (w_s * err_s).sum() / (9 * w_s.sum()).clamp_min(1e-12)
-    return loss
-
-
-# ---------------------------------------------------------------------------- EMA
-class EMA:
-    """Exponential moving average of tensors, with torch-ema's warm-up of the decay."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float | None) -> None:
-        self.params = params
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: p.detach().clone() for k, p in params.items()} if decay else None
-
-    def update(self) -> None:
-        if self.shadow is None:
-            return
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        with torch.no_grad():
-            for key, param in self.params.items():
-                self.shadow[key].sub_((1.0 - decay) * (self.shadow[key] - param))
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """Within the block the parameters hold the averaged values."""
-        if self.shadow is None:
-            yield
-            return
-        backup = {k: p.detach().clone() for k, p in self.params.items()}
-        with torch.no_grad():
-            for key, param in self.params.items():
-                param.copy_(self.shadow[key])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for key, param in self.params.items():
-                    param.copy_(backup[key])
 
 
 # ---------------------------------------------------------------------------- run and state
@@ -290,7 +201,7 @@ class Loop:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.lr_factor, patience=cfg.scheduler_patience
         )
-        self.ema = EMA(subject.params, cfg.ema_decay)
+        self.ema = ExponentialMovingAverage(params, decay=cfg.ema_decay) if cfg.ema_decay else None
         self.epoch, self.best_epoch, self.bad_epochs = 0, 0, 0
         self.best_criterion = math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -302,9 +213,11 @@ class Loop:
 
     def _load(self, state: State) -> None:
         self.subject.restore(state.params)
-        if self.ema.shadow is not None and state.ema is not None:
-            self.ema.shadow = {k: v.clone() for k, v in state.ema.items()}
-            self.ema.updates = state.ema_updates
+        if self.ema is not None and state.ema is not None:
+            with torch.no_grad():
+                for key, shadow in zip(self.subject.params, self.ema.shadow_params, strict=True):
+                    shadow.copy_(state.ema[key])
+            self.ema.num_updates = state.ema_updates
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.epoch, self.best_epoch = state.epoch, state.best_epoch
@@ -318,8 +231,8 @@ class Loop:
         return State(
             epoch=self.epoch,
             params=self.subject.snapshot(),
-            ema=self.ema.shadow,
-            ema_updates=self.ema.updates,
+            ema=self._ema_tensors(),
+            ema_updates=self.ema.num_updates if self.ema is not None else 0,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             best=self.best_state,
@@ -330,6 +243,20 @@ class Loop:
             e0s=self.subject.e0s,
             best_e0s=self.best_e0s,
         )
+
+    def _ema_tensors(self) -> dict[str, torch.Tensor] | None:
+        if self.ema is None:
+            return None
+        return dict(zip(self.subject.params, self.ema.shadow_params, strict=True))
+
+    @contextlib.contextmanager
+    def _averaged(self) -> Iterator[None]:
+        """Within the block the trained tensors hold their EMA (when there is one)."""
+        if self.ema is None:
+            yield
+            return
+        with self.ema.average_parameters():
+            yield
 
     def restore_best(self) -> None:
         """Put the best weights (and their E0 correction) into the subject."""
@@ -343,8 +270,6 @@ class Loop:
         Forces do not see a per-element constant, so with a small energy weight it drifts;
         refitting it every epoch keeps the energy free of such offsets.
         """
-        from mmea_calc.data import fit_e0_correction
-
         run = self.run
         pred = predict(
             self.subject.module,
@@ -360,8 +285,6 @@ class Loop:
         self.subject.set_e0s({z: current.get(z, 0.0) + d for z, d in delta.items()})
 
     def evaluate(self, graphs: Sequence[Any], atoms: Sequence[ase.Atoms]) -> dict[str, float]:
-        from mmea_calc.train import error_metrics
-
         cfg = self.run.config
         pred = predict(
             self.subject.module,
@@ -390,7 +313,8 @@ class Loop:
             if cfg.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.clip_grad)
             self.optimizer.step()
-            self.ema.update()
+            if self.ema is not None:
+                self.ema.update()
             total += float(loss.detach()) * len(chunk)
             count += len(chunk)
         return total / count
@@ -405,7 +329,7 @@ class Loop:
         started = time.perf_counter()
         epoch = self.epoch + 1
         loss = self._train_epoch(epoch)
-        with self.ema.applied():
+        with self._averaged():
             if self.run.config.fit_e0s:
                 self._refit_e0s()
             metrics = self.evaluate(self.run.valid_graphs, self.run.valid_atoms)

@@ -16,47 +16,44 @@ messages can reach 1e5) can no longer overflow ``exp`` into inf/NaN forces. ``No
 plain, unbounded map.
 
 Gates come from invariants only and multiply whole irreps, so the layer is exactly
-E(3)-equivariant. Several adapters can live in one :class:`MMEALinear`; which one a node uses is
-set per forward pass through a shared :class:`Routing` (per-node indices), which is what lets one
-batch mix structures served by different adapters.
+E(3)-equivariant.
+
+The base model is never modified. An :class:`MMEALayer` holds every adapter's gates for one
+targeted linear and computes the modulated output from the linear's input and output; which
+adapter each node uses (a :class:`Route`) is handed to it per call by
+:class:`~mmea_calc.AdaptedModel`, which builds the route from the graph dict of that forward
+call. Nothing about routing is stored between calls, and any number of models may share one
+frozen base module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from mmea_calc._deps import o3
-from mmea_calc.errors import TargetError
+from mmea_calc.errors import ConfigError, TargetError
 
-__all__ = ["PHI_CHOICES", "MMEAGate", "MMEALinear", "Routing", "gate_layout"]
+__all__ = ["PHI_CHOICES", "GateLayout", "MMEAGate", "MMEALayer", "Route", "gate_layout"]
 
 PHI_CHOICES = ("exp", "1+x")
 Phi = Literal["exp", "1+x"]
 
 
-@dataclass
-class Routing:
-    """Which adapter each node uses during one forward pass.
+@dataclass(frozen=True)
+class Route:
+    """Which adapter serves which nodes during one forward call.
 
     Attributes:
-        names: slot -> adapter name (``None`` is the bare base).
-        node_slot: per-node slot index (int64, ``[n_nodes]``), or ``None`` when every node uses
-            slot 0.
+        num_nodes: rows of every node-feature tensor in the call.
+        slots: ``(adapter name, node indices)`` pairs; indices ``None`` mean every node.
+            Nodes in no slot run the bare base (multiplier exactly 1, shift exactly 0).
     """
 
-    names: tuple[str | None, ...] = ()
-    node_slot: torch.Tensor | None = None
-    _node_index: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def nodes_of(self, slot: int) -> torch.Tensor:
-        """Indices of the nodes routed to ``slot`` (computed once per forward pass)."""
-        if slot not in self._node_index:
-            assert self.node_slot is not None
-            self._node_index[slot] = torch.nonzero(self.node_slot == slot).squeeze(1)
-        return self._node_index[slot]
+    num_nodes: int
+    slots: tuple[tuple[str, torch.Tensor | None], ...]
 
 
 @dataclass(frozen=True)
@@ -135,9 +132,9 @@ class MMEAGate(torch.nn.Module):
     ) -> None:
         super().__init__()
         if phi not in PHI_CHOICES:
-            raise ValueError(f"phi={phi!r} is not supported; valid: {PHI_CHOICES}")
+            raise ConfigError(f"phi={phi!r} is not supported; valid: {list(PHI_CHOICES)}")
         if logit_bound is not None and not logit_bound > 0:
-            raise ValueError(f"logit_bound must be > 0 or None, got {logit_bound!r}")
+            raise ConfigError(f"logit_bound must be > 0 or None, got {logit_bound!r}")
         kw = {"dtype": dtype, "device": device}
         self.phi = phi
         self.logit_bound = logit_bound
@@ -167,98 +164,116 @@ class MMEAGate(torch.nn.Module):
         return scale, shift
 
 
-class MMEALinear(torch.nn.Module):
-    """A frozen ``o3.Linear`` (``base_layer``) with any number of named MMEA gates beside it.
+class MMEALayer(torch.nn.Module):
+    """The gates of every adapter for one targeted ``o3.Linear`` (which it does not hold).
 
-    The routing object is shared by every wrapped linear of one model and set by
-    :class:`~mmea_calc.AdaptedModel` around each forward pass; with no routing (or a base route)
-    the output is the base layer's output, bit for bit.
+    :meth:`forward` takes the linear's input ``x``, its output ``out`` and the call's
+    :class:`Route`, and returns the modulated output; :class:`~mmea_calc.AdaptedModel` calls it
+    from a forward hook registered on the linear for the duration of one call.
+
+    Example:
+        >>> linear = o3.Linear("4x0e+2x1o", "3x0e+2x1o")
+        >>> layer = MMEALayer(linear)
+        >>> _ = layer.add_gate("a", rank=2, like=linear.weight)
+        >>> x = torch.randn(5, linear.irreps_in.dim)
+        >>> bool((layer(x, linear(x), Route(5, (("a", None),))) == linear(x)).all())
+        True
     """
 
-    def __init__(self, base_layer: torch.nn.Module, routing_source: _RoutingSource) -> None:
+    def __init__(self, linear: torch.nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, o3.Linear) or not base_layer.internal_weights:
+        if not isinstance(linear, o3.Linear) or not linear.internal_weights:
             raise TargetError(
-                f"{type(base_layer).__name__} cannot be adapted: MMEA wraps e3nn o3.Linear "
+                f"{type(linear).__name__} cannot be adapted: MMEA targets e3nn o3.Linear "
                 "modules with internal weights"
             )
-        self.base_layer = base_layer
-        self.irreps_in = base_layer.irreps_in
-        self.irreps_out = base_layer.irreps_out
+        self.irreps_in = o3.Irreps(str(linear.irreps_in))
+        self.irreps_out = o3.Irreps(str(linear.irreps_out))
         self.layout = gate_layout(self.irreps_in, self.irreps_out)
         if self.layout.num_scalar_in == 0:
             raise TargetError(
                 f"o3.Linear {self.irreps_in} -> {self.irreps_out} has no 0e input block to "
                 "drive MMEA gates"
             )
-        self.mmea_adapters = torch.nn.ModuleDict()
-        self._routing_source = routing_source
-        self.register_buffer(
-            "_mult_index", torch.tensor(self.layout.mult_index, dtype=torch.long), persistent=False
-        )
-        self.register_buffer(
-            "_add_index", torch.tensor(self.layout.add_index, dtype=torch.long), persistent=False
-        )
+        device = linear.weight.device
+        self.gates = torch.nn.ModuleDict()
+        for key, values in (
+            ("mult_index", self.layout.mult_index),
+            ("add_index", self.layout.add_index),
+        ):
+            self.register_buffer(
+                key, torch.tensor(values, dtype=torch.long, device=device), persistent=False
+            )
 
-    def _scalars(self, x: torch.Tensor) -> torch.Tensor:
+    def add_gate(
+        self,
+        name: str,
+        rank: int,
+        like: torch.Tensor,
+        phi: Phi = "exp",
+        shift_init_std: float = 0.0,
+        logit_bound: float | None = None,
+    ) -> MMEAGate:
+        """Create adapter ``name``'s gate on ``like``'s device and dtype (the linear's weight)."""
+        lay = self.layout
+        gate = MMEAGate(
+            lay.num_scalar_in,
+            rank,
+            lay.num_gates,
+            lay.num_shifts,
+            phi=phi,
+            shift_init_std=shift_init_std,
+            logit_bound=logit_bound,
+            dtype=like.dtype,
+            device=like.device,
+        )
+        self.gates[name] = gate
+        return gate
+
+    def scalars(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``0e`` input blocks that drive the gates, ``[n, num_scalar_in]``."""
         blocks = self.layout.scalar_in
         if len(blocks) == 1:
             return x[:, blocks[0][0] : blocks[0][1]]
         return torch.cat([x[:, a:b] for a, b in blocks], dim=1)
 
-    def _modulate(
+    def modulate(
         self, out: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None
     ) -> torch.Tensor:
+        """Multiply ``l > 0`` channels by ``scale`` and add ``shift`` to ``0e`` channels."""
         n = out.shape[0]
         if scale is not None:
             ones = torch.ones(n, 1, dtype=out.dtype, device=out.device)
-            out = out * torch.cat([scale, ones], dim=1).index_select(1, self._mult_index)
+            out = out * torch.cat([scale, ones], dim=1).index_select(1, self.mult_index)
         if shift is not None:
             zeros = torch.zeros(n, 1, dtype=out.dtype, device=out.device)
-            out = out + torch.cat([shift, zeros], dim=1).index_select(1, self._add_index)
+            out = out + torch.cat([shift, zeros], dim=1).index_select(1, self.add_index)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        routing = self._routing_source.routing
-        if routing is None or not self.mmea_adapters:
-            return out
-        scalars = self._scalars(x)
-        if routing.node_slot is None:
-            gate = (
-                self.mmea_adapters[routing.names[0]]
-                if routing.names[0] in self.mmea_adapters
-                else None
-            )
-            if gate is None:
-                return out
-            return self._modulate(out, *gate(scalars))
-        if routing.node_slot.shape[0] != x.shape[0]:
+    def forward(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
+        if x.shape[0] != route.num_nodes:
             raise RuntimeError(
-                f"routing holds {routing.node_slot.shape[0]} nodes but the layer got "
-                f"{x.shape[0]} rows; MMEA routes per node"
+                f"the route covers {route.num_nodes} nodes but the linear got {x.shape[0]} "
+                "rows; MMEA gates act per node"
             )
+        slots = [(name, idx) for name, idx in route.slots if name in self.gates]
+        if not slots:
+            return out
+        scalars = self.scalars(x)
+        if len(slots) == 1 and slots[0][1] is None:
+            return self.modulate(out, *self.gates[slots[0][0]](scalars))
         lay = self.layout
         scale = torch.ones(x.shape[0], lay.num_gates, dtype=out.dtype, device=out.device)
         shift = torch.zeros(x.shape[0], lay.num_shifts, dtype=out.dtype, device=out.device)
-        for slot, name in enumerate(routing.names):
-            if name is None or name not in self.mmea_adapters:
-                continue
-            idx = routing.nodes_of(slot)
-            if idx.numel() == 0:
-                continue
-            s, a = self.mmea_adapters[name](scalars.index_select(0, idx))
+        for name, idx in slots:
+            rows = scalars if idx is None else scalars.index_select(0, idx)
+            s, a = self.gates[name](rows)
+            if idx is None:  # every node, mixed with nothing else
+                return self.modulate(out, s, a)
             if s is not None:
                 scale = scale.index_put((idx,), s)
             if a is not None:
                 shift = shift.index_put((idx,), a)
-        return self._modulate(
+        return self.modulate(
             out, scale if lay.num_gates else None, shift if lay.num_shifts else None
         )
-
-
-class _RoutingSource:
-    """Holder of the current :class:`Routing`, shared by every wrapped linear of a model."""
-
-    def __init__(self) -> None:
-        self.routing: Routing | None = None

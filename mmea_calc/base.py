@@ -1,23 +1,23 @@
-"""Loading a frozen base MACE model and fingerprinting it.
+"""Loading a frozen base MACE model.
 
 A *base* is any mace-torch ``MACE``/``ScaleShiftMACE`` module. :func:`load_base` returns it in
-eval mode with every parameter frozen; :func:`fingerprint` identifies it so that an adapter can
+eval mode with every parameter frozen; it is moved or converted only when the caller asks
+(``device``/``dtype``). Its identity (:func:`~mmea_calc.identity.fingerprint`) lets an adapter
 refuse to run on a model it was not trained for.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from mmea_calc._deps import o3
+from mmea_calc.base_format import embedded_base_dir, read_base_dir
 from mmea_calc.errors import BaseModelError
+from mmea_calc.identity import base_info, fingerprint
+from mmea_calc.mace_model import check_mace
 
 __all__ = ["EMBEDDED", "base_info", "fingerprint", "load_base", "resolve_dtype"]
 
@@ -31,7 +31,6 @@ _DTYPES = {
 }
 #: ``load_base(EMBEDDED)`` loads the base shipped in ``mmea_calc/embedded/base/``.
 EMBEDDED = "embedded"
-_REQUIRED_ATTRS = ("atomic_numbers", "r_max", "interactions", "products", "readouts")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -48,21 +47,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         ) from None
 
 
-def _check_mace(model: Any, origin: str) -> torch.nn.Module:
-    if not isinstance(model, torch.nn.Module):
-        raise BaseModelError(
-            f"{origin} holds a {type(model).__name__}, not a torch.nn.Module; "
-            "expected a mace-torch MACE or ScaleShiftMACE model"
-        )
-    missing = [a for a in _REQUIRED_ATTRS if not hasattr(model, a)]
-    if missing:
-        raise BaseModelError(
-            f"{origin} is a {type(model).__name__} without {missing}; "
-            "expected a mace-torch MACE or ScaleShiftMACE model"
-        )
-    return model
-
-
 def _load_file(path: Path, device: str) -> torch.nn.Module:
     if not path.is_file():
         raise BaseModelError(f"base model file {str(path)!r} does not exist")
@@ -73,23 +57,21 @@ def _load_file(path: Path, device: str) -> torch.nn.Module:
         raise BaseModelError(
             f"could not read base model {str(path)!r} as a mace .model file: {exc}"
         ) from exc
-    return _check_mace(model, f"base model file {str(path)!r}")
+    return check_mace(model, f"base model file {str(path)!r}")
 
 
 def _load_path(source: str | os.PathLike, device: str) -> torch.nn.Module:
-    from mmea_calc.base_format import embedded_base_dir, read_base_dir
-
     if isinstance(source, str) and source == EMBEDDED:
         return read_base_dir(embedded_base_dir(), device=device)
     path = Path(source)
     if path.is_dir():
-        return _check_mace(read_base_dir(path, device=device), f"base directory {str(path)!r}")
+        return check_mace(read_base_dir(path, device=device), f"base directory {str(path)!r}")
     return _load_file(path, device)
 
 
 def load_base(
     source: str | os.PathLike | torch.nn.Module,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Load a MACE model as a frozen base.
@@ -99,11 +81,13 @@ def load_base(
             :mod:`mmea_calc.base_format`), ``"embedded"`` for the base shipped with the package,
             a mace ``.model`` file (a pickle: load only trusted files) or an in-memory MACE
             module (frozen in place).
-        device: torch device to put the model on.
+        device: torch device to put the model on; ``None`` keeps a module where it is and
+            loads files onto the CPU.
         dtype: ``"float32"``/``"float64"`` to convert the model, ``None`` to keep its dtype.
 
     Returns:
-        The model in eval mode with ``requires_grad=False`` on every parameter.
+        The model in eval mode with ``requires_grad=False`` on every parameter. A module given
+        as ``source`` is that same module (frozen, and moved/converted only if asked).
 
     Example:
         >>> from mmea_calc.testing import build_tiny_mace
@@ -113,9 +97,9 @@ def load_base(
     """
     torch_dtype = resolve_dtype(dtype)
     if isinstance(source, torch.nn.Module):
-        model = _check_mace(source, "the given module")
+        model = check_mace(source, "the given module")
     elif isinstance(source, str | os.PathLike):
-        model = _load_path(source, str(device))
+        model = _load_path(source, str(device) if device is not None else "cpu")
     else:
         raise BaseModelError(
             f"base source of type {type(source).__name__} is not supported; give a base "
@@ -123,55 +107,9 @@ def load_base(
         )
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
-    model = model.to(device)
+    if device is not None:
+        model = model.to(device)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-
-
-def _normalised_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base's own state dict: adapter tensors dropped, wrapper key segments removed."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".mmea_adapters." in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = value
-    return state
-
-
-def hidden_irreps(model: torch.nn.Module) -> str:
-    """The hidden irreps of the first layer, as mace-torch records them."""
-    return str(o3.Irreps(str(model.products[0].linear.irreps_out)))
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the base state dict plus r_max, atomic numbers and hidden irreps.
-
-    Floating-point tensors are hashed as float64, so a float32 model converted to float64 keeps
-    its fingerprint. Adapter tensors of an :class:`~mmea_calc.AdaptedModel` are ignored.
-    """
-    digest = hashlib.sha256()
-    for key, value in sorted(_normalised_state(model).items()):
-        tensor = value.detach().to("cpu")
-        tensor = tensor.to(torch.float64) if tensor.is_floating_point() else tensor.to(torch.int64)
-        digest.update(key.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
-    digest.update(f"r_max={float(model.r_max):.12g}".encode())
-    digest.update(f"z={[int(z) for z in model.atomic_numbers]}".encode())
-    digest.update(f"hidden={hidden_irreps(model)}".encode())
-    return digest.hexdigest()
-
-
-def base_info(model: torch.nn.Module) -> dict[str, Any]:
-    """A JSON-ready description of a base model: fingerprint, r_max, elements, irreps, class."""
-    return {
-        "fingerprint": fingerprint(model),
-        "r_max": float(model.r_max),
-        "atomic_numbers": [int(z) for z in model.atomic_numbers],
-        "hidden_irreps": hidden_irreps(model),
-        "model_class": type(model).__name__,
-        "num_interactions": int(model.num_interactions),
-        "heads": list(getattr(model, "heads", ["Default"])),
-    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,10 +15,18 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from mmea_calc.base import EMBEDDED, load_base
-from mmea_calc.data import atoms_to_graph, check_atoms, collate
+from mmea_calc._deps import mace_data
+from mmea_calc.base import EMBEDDED, resolve_dtype
+from mmea_calc.base_format import embedded_adapter_dirs
+from mmea_calc.data import (
+    atoms_to_graph,
+    check_elements,
+    check_geometry,
+    collate,
+    z_table_of,
+)
 from mmea_calc.errors import NonFiniteResultError
-from mmea_calc.model import AdaptedModel
+from mmea_calc.model import ADAPTER_INDEX_KEY, AdaptedModel
 from mmea_calc.selection import TAG_KEY, AdapterSelector, Choice, Select
 
 __all__ = ["MMEACalculator"]
@@ -25,18 +34,33 @@ __all__ = ["MMEACalculator"]
 logger = logging.getLogger(__name__)
 
 AdapterSpec = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
+#: Keywords of ASE's ``Calculator.__init__`` this calculator passes on.
+_ASE_KEYWORDS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
+#: What changes the per-composition state (element check, adapter choice, routing index).
+_COMPOSITION_CHANGES = frozenset({"numbers", "pbc", "info", "model"})
 
 
 def _adapter_items(adapters: AdapterSpec) -> list[tuple[str | None, Path]]:
     if isinstance(adapters, str) and adapters == EMBEDDED:
-        from mmea_calc.base_format import embedded_adapter_dirs
-
         return [(None, path) for path in embedded_adapter_dirs()]
     if isinstance(adapters, str | os.PathLike):
         return [(None, Path(adapters))]
     if isinstance(adapters, Mapping):
         return [(str(name), Path(path)) for name, path in adapters.items()]
     return [(None, Path(path)) for path in adapters]
+
+
+def _has_cell(atoms: ase.Atoms) -> bool:
+    """Stress is defined for a cell of full rank (ASE's rule, as in its EMT calculator)."""
+    return atoms.cell.rank == 3
+
+
+@dataclass
+class _Prepared:
+    """Per-composition state: rebuilt only when numbers, pbc, tag or the model change."""
+
+    choice: Choice
+    node_index: torch.Tensor
 
 
 class MMEACalculator(Calculator):
@@ -49,14 +73,22 @@ class MMEACalculator(Calculator):
         adapters: adapter directories (a path, a list, or ``{name: path}``), or ``"embedded"``
             for every adapter shipped with the package; all must match the base's fingerprint.
         select: ``"auto"`` (by elements, then descriptor router), an adapter name, ``None`` or
-            ``"base"`` for the bare base, or a callable ``atoms -> name | None``.
-            ``atoms.info["mmea_adapter"]`` overrides it per structure.
-        device: torch device.
-        default_dtype: ``"float64"`` (default, for MD and relaxations) or ``"float32"``.
+            ``"base"`` for the bare base, or a callable ``atoms -> name | None``. ``"auto"``
+            and a callable are asked once per composition (atomic numbers and pbc) and their
+            answer is kept; ``atoms.info["mmea_adapter"]`` overrides them per structure.
+        device: torch device. ``None`` (default): the CPU for files, where a given module
+            already is. A given module is moved only when a device is given.
+        default_dtype: ``"float64"`` or ``"float32"``. ``None`` (default): float64 for files,
+            a given module's own dtype. A given module is converted (in place: it is the
+            caller's object) only when a dtype is given.
         on_unknown: ``"error"`` or ``"base"`` when no adapter covers a structure's elements.
+        label, directory, atoms, restart, ignore_bad_restart_file: as for any ASE calculator.
+            Any other keyword raises ``TypeError``.
 
     ``results["adapter"]`` names the adapter that served the last calculation (``None`` for the
     base), ``results["adapter_distance"]`` the router's out-of-domain score when auto selection ran.
+    Results are recomputed whenever the atoms, the selection rule or the model (adapters
+    loaded or deleted, E0 corrections set) change.
 
     Example:
         >>> from ase.build import molecule
@@ -84,23 +116,46 @@ class MMEACalculator(Calculator):
         base: str | os.PathLike | torch.nn.Module,
         adapters: AdapterSpec = (),
         select: Select = "auto",
-        device: str = "cpu",
-        default_dtype: str = "float64",
+        device: str | torch.device | None = None,
+        default_dtype: str | None = None,
         on_unknown: str = "error",
         **kwargs: Any,
     ) -> None:
+        unknown = sorted(set(kwargs) - set(_ASE_KEYWORDS))
+        if unknown:
+            valid = ["base", "adapters", "select", "device", "default_dtype", "on_unknown"]
+            raise TypeError(
+                f"MMEACalculator got unexpected keyword arguments {unknown}; valid: "
+                f"{valid + list(_ASE_KEYWORDS)}"
+            )
         Calculator.__init__(self, **kwargs)
+        dtype = resolve_dtype(default_dtype)
         if isinstance(base, AdaptedModel):
-            self.model = base.to(device=device, dtype=_dtype(default_dtype))
+            self.model = base
+            if device is not None or dtype is not None:  # asked for: the caller's model moves
+                self.model = base.to(device=device, dtype=dtype)
+        elif isinstance(base, torch.nn.Module):
+            self.model = AdaptedModel(base, device=device, dtype=dtype)
         else:
-            self.model = AdaptedModel(load_base(base, device=device, dtype=default_dtype))
+            self.model = AdaptedModel(base, device=device, dtype=dtype or torch.float64)
         for name, path in _adapter_items(adapters):
             self.model.load_adapter(path, name=name, set_active=False)
         self.selector = AdapterSelector(self.model, select=select, on_unknown=on_unknown)
-        self.device = torch.device(device)
-        self.dtype = self.model.dtype
+        info = self.model.base_info
+        self._z_table = z_table_of(info)
+        self._keyspec = mace_data.KeySpecification()
+        self._prepared: _Prepared | None = None
+        self._seen = self._revisions()
 
     # ------------------------------------------------------------------ selection
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
     @property
     def adapter_names(self) -> list[str]:
         return self.model.adapter_names
@@ -111,33 +166,54 @@ class MMEACalculator(Calculator):
         self.reset()
 
     def reselect(self) -> None:
-        """Forget sticky automatic choices (and cached results)."""
+        """Forget remembered choices (and cached results)."""
         self.selector.reselect()
         self.reset()
 
     def choose(self, atoms: ase.Atoms) -> Choice:
         """The adapter this calculator would use for ``atoms``."""
-        check_atoms(atoms, self.model.base_info["atomic_numbers"])
+        check_geometry(atoms)
+        check_elements(atoms.numbers, self.model.base_info["atomic_numbers"])
         return self.selector.choose(atoms)
+
+    def _revisions(self) -> tuple[int, int]:
+        return self.model.revision, self.selector.revision
+
+    def reset(self) -> None:
+        Calculator.reset(self)
+        self._prepared = None
 
     def check_state(self, atoms: ase.Atoms, tol: float = 1e-15) -> list[str]:
         changes = super().check_state(atoms, tol)
         if self.atoms is not None and atoms.info.get(TAG_KEY) != self.atoms.info.get(TAG_KEY):
             changes.append("info")
+        if self._seen != self._revisions():
+            changes.append("model")
         return changes
 
     # ------------------------------------------------------------------ evaluation
+    def _node_index(self, choices: Sequence[Choice], sizes: Sequence[int]) -> torch.Tensor:
+        names = self.model.adapter_names
+        per_graph = [-1 if c.name is None else names.index(c.name) for c in choices]
+        index = torch.tensor(per_graph, dtype=torch.long).repeat_interleave(torch.tensor(sizes))
+        return index.to(self.device)
+
     def _run(
-        self, atoms_list: Sequence[ase.Atoms], choices: Sequence[Choice], stress: bool
+        self,
+        atoms_list: Sequence[ase.Atoms],
+        choices: Sequence[Choice],
+        stress: bool,
+        node_index: torch.Tensor | None = None,
     ) -> dict[str, np.ndarray]:
         info = self.model.base_info
-        graphs = [atoms_to_graph(a, info, check=False) for a in atoms_list]
+        graphs = [
+            atoms_to_graph(a, info, self._keyspec, check=False, z_table=self._z_table)
+            for a in atoms_list
+        ]
         data = collate(graphs, dtype=self.dtype, device=self.device)
-        names = [c.name for c in choices]
-        if len(set(names)) == 1:
-            self.model.set_adapter(names[0])
-        else:
-            self.model.route(data, names)
+        if node_index is None:
+            node_index = self._node_index(choices, [len(a) for a in atoms_list])
+        data[ADAPTER_INDEX_KEY] = node_index
         out = self.model(data, compute_stress=stress, training=False)
         result = {
             "energy": out["energy"].detach().cpu().to(torch.float64).numpy(),
@@ -166,13 +242,21 @@ class MMEACalculator(Calculator):
             results["stress"] = full_3x3_to_voigt_6_stress(raw["stress"][i])
         return results
 
-    def _check_stress(self, atoms: ase.Atoms, properties: Sequence[str], where: str = "") -> bool:
-        periodic = bool(atoms.pbc.all())
-        if "stress" in properties and not periodic:
+    @staticmethod
+    def _wants_stress(atoms: ase.Atoms, properties: Sequence[str], where: str = "") -> bool:
+        if "stress" not in properties:
+            return False
+        if not _has_cell(atoms):
             raise PropertyNotImplementedError(
-                f"stress needs a 3-D periodic cell{where}; pbc is {atoms.pbc.tolist()}"
+                f"stress needs a 3-D cell (cell rank 3){where}; this cell has rank "
+                f"{atoms.cell.rank}"
             )
-        return periodic
+        return True
+
+    def _prepare(self, atoms: ase.Atoms) -> _Prepared:
+        """Per-composition work, as ASE's EMT does in ``initialize``."""
+        choice = self.choose(atoms)
+        return _Prepared(choice, self._node_index([choice], [len(atoms)]))
 
     def calculate(
         self,
@@ -181,10 +265,16 @@ class MMEACalculator(Calculator):
         system_changes: Sequence[str] = all_changes,
     ) -> None:
         Calculator.calculate(self, atoms, properties, system_changes)
-        choice = self.choose(self.atoms)
-        stress = self._check_stress(self.atoms, properties)
-        raw = self._run([self.atoms], [choice], stress)
+        atoms = self.atoms
+        stress = self._wants_stress(atoms, properties)
+        if self._prepared is None or _COMPOSITION_CHANGES.intersection(system_changes):
+            self._prepared = self._prepare(atoms)
+        else:
+            check_geometry(atoms)
+        choice = self._prepared.choice
+        raw = self._run([atoms], [choice], stress, self._prepared.node_index)
         self.results = self._results_of(raw, 0, choice)
+        self._seen = self._revisions()
 
     def calculate_batch(
         self,
@@ -205,13 +295,13 @@ class MMEACalculator(Calculator):
                 f"{self.implemented_properties}"
             )
         choices = []
+        stress = False
         for i, atoms in enumerate(atoms_list):
-            self._check_stress(atoms, properties, where=f" (structure {i})")
+            stress = self._wants_stress(atoms, properties, where=f" (structure {i})")
             choices.append(self.choose(atoms))
         results: list[dict[str, Any]] = []
         for chunk in _chunks([len(a) for a in atoms_list], max_atoms):
             group = [atoms_list[i] for i in chunk]
-            stress = all(a.pbc.all() for a in group)
             raw = self._run(group, [choices[i] for i in chunk], stress)
             results += [self._results_of(raw, j, choices[i]) for j, i in enumerate(chunk)]
         return results
@@ -249,9 +339,3 @@ def _chunks(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
     if current:
         chunks.append(current)
     return chunks
-
-
-def _dtype(name: str) -> torch.dtype:
-    from mmea_calc.base import resolve_dtype
-
-    return resolve_dtype(name)

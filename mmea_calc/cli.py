@@ -14,10 +14,13 @@ import io
 import json
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from mmea_calc.errors import ConfigError, MmeaCalcError  # torch-free: keeps --help fast
 
 __all__ = ["build_parser", "main"]
 
@@ -33,10 +36,6 @@ _METRIC_KEYS = {
     "forces": ("forces_mae_meV_per_A", "forces_rmse_meV_per_A"),
     "stress": ("stress_mae_meV_per_A3", "stress_rmse_meV_per_A3"),
 }
-
-
-class CLIError(Exception):
-    """A bad command line (reported like library errors: one line, exit code 2)."""
 
 
 # ---------------------------------------------------------------------------- parser
@@ -154,13 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         import torch
 
-        from mmea_calc.errors import MmeaCalcError
-
         if args.threads:
             torch.set_num_threads(args.threads)
         try:
             return args.func(args, stdout)
-        except (MmeaCalcError, CLIError, ValueError, OSError) as exc:
+        except MmeaCalcError as exc:  # anything else is a bug: let its traceback show
+            if args.verbose:
+                traceback.print_exc(file=sys.stderr)
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             print(f"mmea-calc: error: {message}", file=sys.stderr)
             return EXIT_ERROR
@@ -265,23 +264,25 @@ def _check_writable(path: str | None, suffix: str | None = None) -> None:
         return
     parent = Path(path).resolve().parent
     if not parent.is_dir():
-        raise CLIError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
+        raise ConfigError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
     if suffix and Path(path).suffix.lower() != suffix:
-        raise CLIError(f"--plot needs a {suffix} file name, got {path!r}")
+        raise ConfigError(f"--plot needs a {suffix} file name, got {path!r}")
 
 
 def _eval_model(args: argparse.Namespace) -> Any:
     from mmea_calc import AdaptedModel, load_base
     from mmea_calc.errors import AdapterFormatError
+    from mmea_calc.files import MODEL_NAME
+    from mmea_calc.io import is_adapter_dir
 
     base = load_base(args.base, device=args.device, dtype=args.dtype)
     if not args.adapter:
         return base
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file() and (adapter / "model.model").is_file():
+    if not is_adapter_dir(adapter) and (adapter / MODEL_NAME).is_file():
         raise AdapterFormatError(
             f"{args.adapter!r} is a lora/full fine-tune output, not an adapter; evaluate it "
-            f"with --base {str(adapter / 'model.model')!r}"
+            f"with --base {str(adapter / MODEL_NAME)!r}"
         )
     model = AdaptedModel(base)
     model.load_adapter(adapter)
@@ -291,8 +292,8 @@ def _eval_model(args: argparse.Namespace) -> Any:
 def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
     from mmea_calc.data import DataKeys, has_stress, labelled_graphs, read_structures
     from mmea_calc.data import reference_values as refs
-    from mmea_calc.io import atomic_write_json
-    from mmea_calc.train import error_metrics, predict
+    from mmea_calc.files import atomic_write_json
+    from mmea_calc.metrics import error_metrics, predict
 
     _check_writable(args.json)
     _check_writable(args.plot, ".png")
@@ -318,7 +319,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def _base_info(model: Any) -> dict[str, Any]:
-    from mmea_calc.base import base_info
+    from mmea_calc.identity import base_info
 
     return base_info(model)
 
@@ -329,7 +330,7 @@ def _parity_plot(path: str, pred: dict[str, Any], ref: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from mmea_calc.io import atomic_write_bytes
+    from mmea_calc.files import atomic_write_bytes
 
     fig = Figure(figsize=(9, 4.2))
     panels = [
@@ -356,14 +357,17 @@ def _parity_plot(path: str, pred: dict[str, Any], ref: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- convert-base
 def _cmd_convert_base(args: argparse.Namespace, stdout: TextIO) -> int:
     from mmea_calc import load_base
-    from mmea_calc.base import base_info
-    from mmea_calc.base_format import BASE_WEIGHTS_NAME, write_base_dir
+    from mmea_calc.base_format import write_base_dir
+    from mmea_calc.files import BASE_WEIGHTS_NAME
+    from mmea_calc.identity import base_info
 
     out = Path(args.outdir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
-        raise CLIError(f"{args.outdir!r} exists and is not empty; pass --overwrite to replace it")
+        raise ConfigError(
+            f"{args.outdir!r} exists and is not empty; pass --overwrite to replace it"
+        )
     if not Path(args.model).is_file():
-        raise CLIError(f"{args.model!r} is not a file (expected a mace .model file)")
+        raise ConfigError(f"{args.model!r} is not a file (expected a mace .model file)")
     model = load_base(args.model, dtype=args.dtype)
     write_base_dir(model, out, overwrite=args.overwrite)
     info = base_info(model)
@@ -404,6 +408,8 @@ def _cmd_demo(args: argparse.Namespace, stdout: TextIO) -> int:
 
 # ---------------------------------------------------------------------------- info
 def _cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
+    from mmea_calc.describe import describe_path
+
     info = describe_path(args.path)
     if args.json:
         print(json.dumps(info, sort_keys=True), file=stdout)
@@ -428,77 +434,6 @@ def _info_text(info: dict[str, Any]) -> str:
     if training.get("metrics"):
         lines.append(_metrics_table(training["metrics"]))
     return "\n".join(lines)
-
-
-def describe_path(path: str) -> dict[str, Any]:
-    """What ``mmea-calc info`` reports for an adapter dir, a finetune dir or a base model."""
-    import ase.data
-
-    from mmea_calc.errors import AdapterFormatError
-
-    target = Path(path)
-    if not target.exists():
-        raise CLIError(f"{path!r} does not exist")
-    training_file = target / "training.json"
-    training = json.loads(training_file.read_text()) if training_file.is_file() else None
-    if target.is_dir() and (target / "adapter_config.json").is_file():
-        info = _describe_adapter(target)
-    elif target.is_dir() and training is not None and (target / "model.model").is_file():
-        info = _describe_model(target / "model.model", kind="finetune")
-        info.update(method=training["method"], name=training.get("name"))
-        info["trainable_parameters"] = training["trainable_parameters"]
-        info["rank"] = training["config"]["rank"] if training["method"] == "lora" else None
-        info["base_fingerprint"] = training.get("base", {}).get("fingerprint")
-    elif target.is_file() or (target / "config.json").is_file():  # .model file or base dir
-        info = _describe_model(target, kind="base")
-    else:
-        raise AdapterFormatError(
-            f"{path!r} holds neither an adapter (adapter_config.json), a base (config.json) "
-            "nor a finetune result (training.json + model.model)"
-        )
-    if training is not None:
-        info["training"] = {k: v for k, v in training.items() if k not in ("history", "base")}
-    info["path"] = str(target)
-    info["elements"] = [ase.data.chemical_symbols[z] for z in info.pop("atomic_numbers")]
-    return info
-
-
-def _describe_adapter(directory: Path) -> dict[str, Any]:
-    from mmea_calc.io import read_adapter_dir
-
-    cfg, tensors = read_adapter_dir(directory)
-    environment = cfg.get("environment") or {}
-    return {
-        "kind": "adapter",
-        "method": cfg["method"],
-        "name": cfg.get("name"),
-        "rank": cfg["rank"],
-        "phi": cfg["phi"],
-        "trainable_parameters": int(sum(t.numel() for t in tensors.values())),
-        "targets": list(cfg["targets"]),
-        "fingerprint": cfg["base"]["fingerprint"],
-        "base": cfg["base"],
-        "atomic_numbers": environment.get("atomic_numbers", cfg["base"]["atomic_numbers"]),
-        "e0s": cfg.get("e0s"),
-        "training": cfg.get("training"),
-    }
-
-
-def _describe_model(path: Path, kind: str) -> dict[str, Any]:
-    from mmea_calc import load_base
-    from mmea_calc.base import base_info
-
-    model = load_base(path)
-    info = base_info(model)
-    return {
-        "kind": kind,
-        "method": "base",
-        "trainable_parameters": 0,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "fingerprint": info["fingerprint"],
-        "atomic_numbers": info["atomic_numbers"],
-        "base": info,
-    }
 
 
 if __name__ == "__main__":

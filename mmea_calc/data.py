@@ -18,11 +18,9 @@ import ase
 import ase.io
 import numpy as np
 import torch
-from mace import data as mace_data
-from mace.tools import torch_geometric, torch_tools, utils
-from mace.tools.default_keys import DefaultKeys
+from ase.stress import voigt_6_to_full_3x3_stress
 
-from mmea_calc._deps import mace  # noqa: F401  (import order, see _deps)
+from mmea_calc._deps import DefaultKeys, mace_data, torch_geometric, torch_tools, utils
 from mmea_calc.errors import DataError, InvalidStructureError, UnsupportedElementError
 
 __all__ = [
@@ -30,6 +28,8 @@ __all__ = [
     "DataKeys",
     "atoms_to_graph",
     "check_atoms",
+    "check_elements",
+    "check_geometry",
     "collate",
     "data_hash",
     "fit_e0_correction",
@@ -39,28 +39,33 @@ __all__ = [
     "read_structures",
     "reference_values",
     "split_structures",
+    "z_table_of",
 ]
 
 
-def check_atoms(atoms: ase.Atoms, atomic_numbers: Sequence[int]) -> None:
-    """Raise a typed error for structures the base model cannot evaluate."""
-    if len(atoms) == 0:
-        raise InvalidStructureError("the structure is empty (0 atoms)")
-    positions = atoms.get_positions()
-    if not np.isfinite(positions).all():
-        bad = np.nonzero(~np.isfinite(positions).all(axis=1))[0]
-        raise InvalidStructureError(f"positions of atoms {bad[:10].tolist()} are NaN or infinite")
+def check_elements(numbers: Sequence[int] | np.ndarray, atomic_numbers: Sequence[int]) -> None:
+    """Raise :class:`UnsupportedElementError` for elements the base model does not know."""
     known = set(int(z) for z in atomic_numbers)
-    unknown = sorted(set(int(z) for z in atoms.numbers) - known)
+    unknown = sorted(set(int(z) for z in np.unique(numbers)) - known)
     if unknown:
         names = [ase.data.chemical_symbols[z] for z in unknown]
         raise UnsupportedElementError(
             f"elements {names} are not known to the base model; it knows "
             f"{[ase.data.chemical_symbols[z] for z in sorted(known)]}"
         )
-    pbc = atoms.get_pbc()
+
+
+def check_geometry(atoms: ase.Atoms) -> None:
+    """Raise :class:`InvalidStructureError` for empty structures, NaN positions, bad cells."""
+    if len(atoms) == 0:
+        raise InvalidStructureError("the structure is empty (0 atoms)")
+    positions = atoms.positions
+    if not np.isfinite(positions).all():
+        bad = np.nonzero(~np.isfinite(positions).all(axis=1))[0]
+        raise InvalidStructureError(f"positions of atoms {bad[:10].tolist()} are NaN or infinite")
+    pbc = atoms.pbc
     if pbc.any():
-        cell = np.asarray(atoms.get_cell())
+        cell = atoms.cell.array
         if not np.isfinite(cell).all():
             raise InvalidStructureError("the cell holds NaN or infinite values")
         lengths = np.linalg.norm(cell, axis=1)
@@ -75,25 +80,39 @@ def check_atoms(atoms: ase.Atoms, atomic_numbers: Sequence[int]) -> None:
             )
 
 
+def check_atoms(atoms: ase.Atoms, atomic_numbers: Sequence[int]) -> None:
+    """Raise a typed error for structures the base model cannot evaluate."""
+    check_geometry(atoms)
+    check_elements(atoms.numbers, atomic_numbers)
+
+
 def atoms_to_graph(
     atoms: ase.Atoms,
     model_info: dict[str, Any],
     key_specification: Any | None = None,
     check: bool = True,
+    z_table: Any | None = None,
 ) -> Any:
     """One ``mace.data.AtomicData`` graph, built in float64 (positions are never rounded).
 
-    ``check=False`` skips :func:`check_atoms` for callers that already ran it.
+    ``check=False`` skips :func:`check_atoms` for callers that already ran it; callers building
+    many graphs pass their ``key_specification`` and ``z_table`` (:func:`z_table_of`) once.
     """
     if check:
         check_atoms(atoms, model_info["atomic_numbers"])
     keyspec = key_specification or mace_data.KeySpecification()
-    z_table = utils.AtomicNumberTable(list(model_info["atomic_numbers"]))
+    z_table = z_table or z_table_of(model_info)
     with torch_tools.default_dtype(torch.float64):  # scoped: mace reads the default dtype
         config = mace_data.config_from_atoms(atoms, key_specification=keyspec)
         return mace_data.AtomicData.from_config(
             config, z_table=z_table, cutoff=float(model_info["r_max"]), heads=model_info["heads"]
         )
+
+
+def z_table_of(model_info: dict[str, Any]) -> Any:
+    """mace's atomic-number table of a base (``model_info`` from :func:`~mmea_calc.identity.
+    base_info`)."""
+    return utils.AtomicNumberTable(list(model_info["atomic_numbers"]))
 
 
 def collate(
@@ -209,8 +228,7 @@ def label_structures(
 def _stress_matrix(stress: np.ndarray) -> np.ndarray:
     if stress.size == 9:
         return stress.reshape(3, 3).copy()
-    xx, yy, zz, yz, xz, xy = stress.reshape(6)
-    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return voigt_6_to_full_3x3_stress(stress.reshape(6))
 
 
 def read_structures(

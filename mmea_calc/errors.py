@@ -13,6 +13,7 @@ __all__ = [
     "BaseFormatError",
     "BaseModelError",
     "BaseModelMismatchError",
+    "ConfigError",
     "DataError",
     "DemoError",
     "EmbeddedAssetsMissingError",
@@ -28,6 +29,11 @@ __all__ = [
 
 class MmeaCalcError(Exception):
     """Base class of every error raised by mmea_calc."""
+
+
+class ConfigError(MmeaCalcError, ValueError):
+    """A bad configuration value (a keyword, an option, a hyper-parameter); the message names
+    the value and what would be valid."""
 
 
 class AdapterNotFoundError(MmeaCalcError, KeyError):

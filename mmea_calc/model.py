@@ -1,21 +1,41 @@
-"""AdaptedModel: one frozen MACE base plus named, swappable MMEA adapters (PEFT-style verbs)."""
+"""AdaptedModel: one frozen MACE base plus named, swappable MMEA adapters (PEFT-style verbs).
+
+The base module is never modified: the adapters live in the :class:`AdaptedModel` (one
+:class:`~mmea_calc.adapter.MMEALayer` per targeted linear) and act through forward hooks that
+are registered on the base's linears for the duration of one call and removed in ``finally``.
+Which adapter serves which node travels with the call, in the graph dict
+(:data:`ADAPTER_INDEX_KEY`), so any number of models (and calculators) can share one base.
+Forward calls of models sharing a base must not run concurrently in several threads (the hooks
+of one call would see the other's nodes); separate processes, or separate bases, are fine.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmea_calc._deps import o3
-from mmea_calc.adapter import PHI_CHOICES, MMEAGate, MMEALinear, Routing, _RoutingSource
-from mmea_calc.base import base_info, load_base
-from mmea_calc.errors import AdapterExistsError, AdapterNotFoundError, TargetError
+from mmea_calc.adapter import PHI_CHOICES, MMEALayer, Route
+from mmea_calc.base import load_base
+from mmea_calc.errors import (
+    AdapterExistsError,
+    AdapterFormatError,
+    AdapterNotFoundError,
+    BaseModelMismatchError,
+    ConfigError,
+    TargetError,
+)
+from mmea_calc.identity import base_info
+from mmea_calc.io import read_adapter_dir, write_adapter_dir
 
 __all__ = ["ADAPTER_INDEX_KEY", "AdaptedModel", "MMEAConfig"]
 
@@ -23,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 #: Graph-dict key of the per-node adapter index (into ``AdaptedModel.adapter_names``; -1 = base).
 ADAPTER_INDEX_KEY = "mmea_adapter_index"
+BASE_NAMES = (None, "base")
 
 
 @dataclass
@@ -46,14 +67,14 @@ class MMEAConfig:
     logit_bound: float | None = 10.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.phi not in PHI_CHOICES:
-            raise ValueError(f"phi={self.phi!r} is not supported; valid: {list(PHI_CHOICES)}")
+            raise ConfigError(f"phi={self.phi!r} is not supported; valid: {list(PHI_CHOICES)}")
         if self.logit_bound is not None and not self.logit_bound > 0:
-            raise ValueError(f"logit_bound must be > 0 or None, got {self.logit_bound!r}")
-        if self.shift_init_std < 0:
-            raise ValueError(f"shift_init_std must be >= 0, got {self.shift_init_std}")
+            raise ConfigError(f"logit_bound must be > 0 or None, got {self.logit_bound!r}")
+        if not self.shift_init_std >= 0:
+            raise ConfigError(f"shift_init_std must be >= 0, got {self.shift_init_std}")
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         elif self.targets is not None:
@@ -72,17 +93,33 @@ class _AdapterRecord:
 
 
 def _adaptable_linears(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    found = {}
-    for name, module in base.named_modules():
-        if isinstance(module, MMEALinear):
-            found[name] = module
-        elif isinstance(module, o3.Linear) and module.internal_weights and "base_layer" not in name:
-            found[name] = module
-    return found
+    return {
+        name: module
+        for name, module in base.named_modules()
+        if isinstance(module, o3.Linear) and module.internal_weights
+    }
+
+
+def _scalar_width(module: torch.nn.Module) -> int:
+    irreps_in = o3.Irreps(str(module.irreps_in))
+    return sum(mul for mul, ir in irreps_in if ir == o3.Irrep("0e"))
 
 
 def _match(pattern: str, name: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern)
+
+
+def _layer_key(target: str) -> str:
+    """ModuleDict key of a target (``.`` is not allowed there; ``-`` never occurs in names)."""
+    return target.replace(".", "-")
+
+
+def _hook(layer: MMEALayer, route: Route, module: Any, args: tuple, output: Any) -> Any:
+    return layer(args[0], output, route)
+
+
+def _e0_dict(e0s: Mapping[int, float] | None) -> dict[int, float] | None:
+    return {int(z): float(v) for z, v in e0s.items()} if e0s else None
 
 
 class AdaptedModel(torch.nn.Module):
@@ -90,7 +127,16 @@ class AdaptedModel(torch.nn.Module):
 
     Calling the model takes and returns what the MACE model does (graph dict in; ``energy``,
     ``forces``, ``stress``... out). Nodes use the active adapter, or — when the graph dict holds
-    ``ADAPTER_INDEX_KEY`` — each node its own (see :meth:`route`).
+    :data:`ADAPTER_INDEX_KEY` — each node its own (see :meth:`route`).
+
+    Args:
+        base: a MACE module (used in place, frozen; never copied), or anything
+            :func:`~mmea_calc.load_base` takes.
+        device, dtype: passed to :func:`~mmea_calc.load_base`; ``None`` keeps a module's.
+
+    ``revision`` counts changes that alter what the model computes (adapters added, loaded or
+    deleted, E0 corrections set, the active adapter changed): calculators compare it to know
+    that cached results are stale.
 
     Example:
         >>> from mmea_calc.testing import build_tiny_mace
@@ -102,22 +148,40 @@ class AdaptedModel(torch.nn.Module):
         True
     """
 
-    def __init__(self, base: torch.nn.Module | str | os.PathLike) -> None:
+    def __init__(
+        self,
+        base: torch.nn.Module | str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        base = load_base(base)
-        self.base_model = base
-        self.base_info = base_info(base)
-        self._routing = _RoutingSource()
+        self.base_model = load_base(base, device=device, dtype=dtype)
+        self.mmea_layers = torch.nn.ModuleDict()
+        self._linears = _adaptable_linears(self.base_model)  # plain dict: not submodules here
         self._records: dict[str, _AdapterRecord] = {}
         self._active: str | None = None
         self._disabled = False
-        self._e0_cache: dict[tuple, torch.Tensor] = {}
+        self._revision = 0
+        self._base_info: dict[str, Any] | None = None
+        self._e0_tables: dict[tuple, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- introspection
     @property
+    def base_info(self) -> dict[str, Any]:
+        """The base's identity (:func:`mmea_calc.identity.base_info`), computed on first use."""
+        if self._base_info is None:
+            self._base_info = base_info(self.base_model)
+        return self._base_info
+
+    @property
     def fingerprint(self) -> str:
-        """The base model's fingerprint (see :func:`mmea_calc.base.fingerprint`)."""
+        """The base model's fingerprint (see :func:`mmea_calc.identity.fingerprint`)."""
         return self.base_info["fingerprint"]
+
+    @property
+    def revision(self) -> int:
+        return self._revision
 
     @property
     def adapter_names(self) -> list[str]:
@@ -151,9 +215,12 @@ class AdaptedModel(torch.nn.Module):
 
     def set_adapter_e0s(self, name: str, e0s: Mapping[int, float] | None) -> None:
         """Set (or clear, with ``None``) the per-element energy corrections of an adapter."""
-        record = self._record(name)
-        record.e0s = {int(z): float(v) for z, v in e0s.items()} if e0s else None
-        self._e0_cache = {k: v for k, v in self._e0_cache.items() if k[0] != name}
+        self._record(name).e0s = _e0_dict(e0s)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._revision += 1
+        self._e0_tables.clear()
 
     def _record(self, name: str) -> _AdapterRecord:
         if name not in self._records:
@@ -162,20 +229,21 @@ class AdaptedModel(torch.nn.Module):
             )
         return self._records[name]
 
-    def _wrapped(self) -> dict[str, MMEALinear]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MMEALinear)}
-
     def adaptable_modules(self) -> dict[str, str]:
         """Names of the linears MMEA can target, with their ``irreps_in -> irreps_out``."""
-        return {
-            n: f"{m.irreps_in} -> {m.irreps_out}"
-            for n, m in _adaptable_linears(self.base_model).items()
-        }
+        return {n: f"{m.irreps_in} -> {m.irreps_out}" for n, m in self._linears.items()}
+
+    def layer(self, target: str) -> MMEALayer:
+        """The :class:`~mmea_calc.adapter.MMEALayer` of a targeted linear."""
+        key = _layer_key(target)
+        if key not in self.mmea_layers:
+            raise TargetError(f"{target!r} is not targeted by any adapter of this model")
+        return self.mmea_layers[key]
 
     # ---------------------------------------------------------------- adapter management
     def resolve_targets(self, targets: Sequence[str] | None) -> list[str]:
         """Module names selected by ``targets`` (``None`` = every adaptable linear)."""
-        available = _adaptable_linears(self.base_model)
+        available = self._linears
         usable = {n for n, m in available.items() if _scalar_width(m) > 0}
         if targets is None:
             chosen = [n for n in available if n in usable]
@@ -204,10 +272,14 @@ class AdaptedModel(torch.nn.Module):
         e0s: Mapping[int, float] | None = None,
         metadata: Mapping[str, Any] | None = None,
         set_active: bool = True,
+        is_trainable: bool = True,
     ) -> None:
-        """Add a fresh (identity) adapter and, by default, make it active."""
+        """Add a fresh (identity) adapter and, by default, make it active.
+
+        Its tensors go to the device and dtype of each targeted linear (the base is not moved).
+        """
         if not isinstance(name, str) or not name or name == "base" or "." in name:
-            raise ValueError(
+            raise ConfigError(
                 f"adapter name {name!r} is not valid: use a non-empty string without '.', "
                 "other than 'base'"
             )
@@ -219,66 +291,48 @@ class AdaptedModel(torch.nn.Module):
         config = config or MMEAConfig()
         targets = self.resolve_targets(config.targets)
         for target in targets:
-            wrapper = self._wrap(target)
-            lay = wrapper.layout
-            wrapper.mmea_adapters[name] = MMEAGate(
-                lay.num_scalar_in,
+            key = _layer_key(target)
+            linear = self._linears[target]
+            if key not in self.mmea_layers:
+                self.mmea_layers[key] = MMEALayer(linear)
+            gate = self.mmea_layers[key].add_gate(
+                name,
                 config.rank,
-                lay.num_gates,
-                lay.num_shifts,
+                like=linear.weight,
                 phi=config.phi,
                 shift_init_std=config.shift_init_std,
                 logit_bound=config.logit_bound,
-                dtype=self.dtype,
-                device=self.device,
             )
+            gate.requires_grad_(is_trainable)
         self._records[name] = _AdapterRecord(
-            config=config,
-            targets=targets,
-            e0s={int(z): float(v) for z, v in e0s.items()} if e0s else None,
-            metadata=dict(metadata or {}),
+            config=config, targets=targets, e0s=_e0_dict(e0s), metadata=dict(metadata or {})
         )
+        self._changed()
         if set_active:
             self.set_adapter(name)
 
-    def _wrap(self, target: str) -> MMEALinear:
-        module = self.base_model.get_submodule(target)
-        if isinstance(module, MMEALinear):
-            return module
-        parent_name, _, child = target.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-        wrapper = MMEALinear(module, self._routing).to(self.device)
-        setattr(parent, child, wrapper)
-        return wrapper
-
-    def _unwrap_empty(self) -> None:
-        for target, wrapper in self._wrapped().items():
-            if not wrapper.mmea_adapters:
-                parent_name, _, child = target.rpartition(".")
-                parent = (
-                    self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-                )
-                setattr(parent, child, wrapper.base_layer)
-
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` active for nodes without explicit routing (``None``/``"base"``: none)."""
-        if name in (None, "base"):
-            self._active = None
-            return
-        self._record(name)
-        self._active = name
+        if name not in BASE_NAMES:
+            self._record(name)
+        else:
+            name = None
+        if name != self._active:
+            self._active = name
+            self._changed()
 
     def delete_adapter(self, name: str) -> None:
-        """Remove an adapter and its tensors; the base is left exactly as loaded."""
-        self._record(name)
-        for wrapper in self._wrapped().values():
-            if name in wrapper.mmea_adapters:
-                del wrapper.mmea_adapters[name]
+        """Remove an adapter and its tensors (the base is never touched)."""
+        record = self._record(name)
+        for target in record.targets:
+            layer = self.mmea_layers[_layer_key(target)]
+            del layer.gates[name]
+            if not layer.gates:
+                del self.mmea_layers[_layer_key(target)]
         del self._records[name]
-        self._e0_cache = {k: v for k, v in self._e0_cache.items() if k[0] != name}
         if self._active == name:
             self._active = None
-        self._unwrap_empty()
+        self._changed()
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -290,38 +344,143 @@ class AdaptedModel(torch.nn.Module):
             self._disabled = previous
 
     def adapter_parameters(self, name: str) -> Iterator[torch.nn.Parameter]:
-        """The trainable tensors of one adapter."""
+        """The tensors of one adapter."""
         for _, param in self.named_adapter_parameters(name):
             yield param
 
     def named_adapter_parameters(self, name: str) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """``(key, tensor)`` pairs of one adapter; keys as in the adapter file."""
-        record = self._record(name)
-        wrappers = self._wrapped()
-        for target in record.targets:
-            for pname, param in wrappers[target].mmea_adapters[name].named_parameters():
+        for target in self._record(name).targets:
+            gate = self.mmea_layers[_layer_key(target)].gates[name]
+            for pname, param in gate.named_parameters():
                 yield f"{target}.{pname}", param
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.named_adapter_parameters(name)}
 
     def num_trainable_parameters(self, name: str) -> int:
-        """Number of scalars one adapter trains (its gates; the frozen base not counted)."""
+        """Number of scalars one adapter holds (what training updates; the base not counted)."""
         return sum(p.numel() for p in self.adapter_parameters(name))
 
-    def save_adapter(self, name: str, directory: str | os.PathLike, **kw: Any) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
-        from mmea_calc.io import save_adapter
+    # ---------------------------------------------------------------- files
+    def save_adapter(
+        self,
+        name: str,
+        directory: str | os.PathLike,
+        *,
+        environment: Mapping[str, Any] | None = None,
+        training: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``.
 
-        save_adapter(self, name, directory, **kw)
+        ``environment`` and ``training`` default to what the adapter's metadata holds; given,
+        they are also stored there.
+        """
+        record = self._record(name)
+        meta = record.metadata
+        if environment is not None:
+            meta["environment"] = dict(environment)
+        if training is not None:
+            meta["training"] = dict(training)
+        config = record.config
+        e0s = record.e0s
+        document = {
+            "name": name,
+            "rank": config.rank,
+            "phi": config.phi,
+            "shift_init_std": config.shift_init_std,
+            "logit_bound": config.logit_bound,
+            "target_patterns": config.targets,
+            "targets": {
+                t: {"irreps_in": str(layer.irreps_in), "irreps_out": str(layer.irreps_out)}
+                for t in record.targets
+                for layer in [self.layer(t)]
+            },
+            "base": self.base_info,
+            "e0s": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
+            "environment": meta.get("environment"),
+            "training": meta.get("training"),
+        }
+        return write_adapter_dir(directory, document, self.adapter_state_dict(name))
 
     def load_adapter(
-        self, directory: str | os.PathLike, name: str | None = None, *, set_active: bool = True
+        self,
+        directory: str | os.PathLike,
+        name: str | None = None,
+        *,
+        set_active: bool = True,
+        is_trainable: bool = False,
     ) -> str:
-        """Load an adapter directory (validated against this base); returns its name."""
-        from mmea_calc.io import load_adapter
+        """Load an adapter directory (validated against this base); returns its name.
 
-        return load_adapter(self, directory, name=name, set_active=set_active)
+        The loaded tensors are frozen unless ``is_trainable`` (to continue training them). A
+        failed load leaves the model as it was.
+        """
+        cfg, tensors = read_adapter_dir(directory)
+        where = repr(str(directory))
+        self._check_base(cfg["base"], where)
+        name = name or cfg.get("name") or Path(directory).resolve().name
+        targets = list(cfg["targets"])
+        unknown = [t for t in targets if t not in self._linears]
+        if unknown:
+            raise AdapterFormatError(f"adapter targets {unknown} do not exist in the base model")
+        try:
+            config = MMEAConfig(
+                rank=int(cfg["rank"]),
+                phi=cfg["phi"],
+                targets=targets,
+                shift_init_std=float(cfg.get("shift_init_std", 0.0)),
+                # absent in files written before the bound existed: those were trained unbounded
+                logit_bound=cfg.get("logit_bound"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"adapter config in {where} is invalid: {exc}") from exc
+        e0s = {int(z): float(v) for z, v in (cfg.get("e0s") or {}).items()}
+        meta = {k: cfg.get(k) for k in ("environment", "training")}
+        self.add_adapter(
+            name, config, e0s=e0s, metadata=meta, set_active=False, is_trainable=is_trainable
+        )
+        try:
+            self._copy_tensors(name, tensors, where)
+        except AdapterFormatError:
+            self.delete_adapter(name)
+            raise
+        if set_active:
+            self.set_adapter(name)
+        return name
+
+    def _check_base(self, base: Mapping[str, Any], where: str) -> None:
+        if base.get("fingerprint") == self.fingerprint:
+            return
+        mine = self.base_info
+        raise BaseModelMismatchError(
+            f"adapter {where} was trained on base model {str(base.get('fingerprint'))[:12]}… "
+            f"({base.get('model_class')}, elements {base.get('atomic_numbers')}, hidden "
+            f"{base.get('hidden_irreps')}), not on this one {self.fingerprint[:12]}… "
+            f"({mine['model_class']}, elements {mine['atomic_numbers']}, "
+            f"hidden {mine['hidden_irreps']})"
+        )
+
+    def _copy_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+        params = dict(self.named_adapter_parameters(name))
+        missing = sorted(set(params) - set(tensors))
+        extra = sorted(set(tensors) - set(params))
+        if missing or extra:
+            raise AdapterFormatError(
+                f"adapter {where} tensors do not match its config: missing {missing}, "
+                f"unexpected {extra}"
+            )
+        for key, param in params.items():
+            value = tensors[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterFormatError(
+                    f"adapter {where} tensor {key!r} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(param.shape)} for this base and rank"
+                )
+            if not torch.isfinite(value).all():
+                raise AdapterFormatError(f"adapter {where} tensor {key!r} holds NaN/inf")
+            with torch.no_grad():
+                param.copy_(value.to(dtype=param.dtype, device=param.device))
 
     # ---------------------------------------------------------------- forward
     def route(self, data: dict[str, torch.Tensor], adapters: Sequence[str | None]) -> None:
@@ -329,7 +488,7 @@ class AdaptedModel(torch.nn.Module):
         index = {n: i for i, n in enumerate(self.adapter_names)}
         per_graph = []
         for name in adapters:
-            if name in (None, "base"):
+            if name in BASE_NAMES:
                 per_graph.append(-1)
             else:
                 self._record(name)
@@ -337,59 +496,72 @@ class AdaptedModel(torch.nn.Module):
         per_graph_t = torch.tensor(per_graph, dtype=torch.long, device=data["batch"].device)
         data[ADAPTER_INDEX_KEY] = per_graph_t[data["batch"]]
 
-    def _routing_for(self, data: Mapping[str, Any]) -> Routing | None:
+    def _route(self, data: Mapping[str, Any]) -> Route | None:
+        """The route of one call: from ``data[ADAPTER_INDEX_KEY]`` or the active adapter."""
         if self._disabled:
             return None
-        node_index = data.get(ADAPTER_INDEX_KEY) if hasattr(data, "get") else None
+        num_nodes = int(data["node_attrs"].shape[0])
+        node_index = data.get(ADAPTER_INDEX_KEY)
         if node_index is None:
-            return Routing(names=(self._active,)) if self._active is not None else None
-        names = tuple(self.adapter_names)
-        return Routing(names=names, node_slot=node_index.to(torch.long))
-
-    def _e0_table(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, dtype, device)
-        if key not in self._e0_cache:
-            e0s = self._records[name].e0s or {}
-            zs = self.base_info["atomic_numbers"]
-            self._e0_cache[key] = torch.tensor(
-                [e0s.get(z, 0.0) for z in zs], dtype=dtype, device=device
+            return None if self._active is None else Route(num_nodes, ((self._active, None),))
+        names = self.adapter_names
+        present = torch.unique(node_index).tolist()  # one small host sync per call
+        if present and (present[0] < -1 or present[-1] >= len(names)):
+            raise AdapterNotFoundError(
+                f"{ADAPTER_INDEX_KEY} holds indices {present}; valid are -1 (base) and 0.."
+                f"{len(names) - 1} (adapters {names})"
             )
-        return self._e0_cache[key]
+        used = [i for i in present if i >= 0]
+        if not used:
+            return None
+        if len(present) == 1:
+            return Route(num_nodes, ((names[used[0]], None),))
+        slots = tuple((names[i], torch.nonzero(node_index == i).squeeze(1)) for i in used)
+        return Route(num_nodes, slots)
 
-    def _node_e0_shift(self, data: Mapping[str, Any], routing: Routing) -> torch.Tensor | None:
+    def _e0_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[n_adapters + 1, n_elements]`` E0 corrections; row 0 is the base (zeros)."""
+        key = (dtype, device)
+        if key not in self._e0_tables:
+            zs = self.base_model.atomic_numbers.tolist()
+            rows = [[0.0] * len(zs)]
+            rows += [[(r.e0s or {}).get(int(z), 0.0) for z in zs] for r in self._records.values()]
+            self._e0_tables[key] = torch.tensor(rows, dtype=dtype, device=device)
+        return self._e0_tables[key]
+
+    def _e0_shift(self, data: Mapping[str, Any], route: Route) -> torch.Tensor | None:
+        """Per-node energy corrections of the adapters serving the nodes (``None``: none)."""
+        if not any(self._records[name].e0s for name, _ in route.slots):
+            return None
         attrs = data["node_attrs"]
         element = attrs.argmax(dim=1)
-        shift = None
-        for slot, name in enumerate(routing.names):
-            if name is None or not self._records[name].e0s:
-                continue
-            table = self._e0_table(name, attrs.dtype, attrs.device)
-            values = table.index_select(0, element)
-            if routing.node_slot is not None:
-                values = values * (routing.node_slot == slot).to(values.dtype)
-            shift = values if shift is None else shift + values
-        return shift
+        table = self._e0_table(attrs.dtype, attrs.device)
+        name, idx = route.slots[0]
+        if idx is None:
+            return table[self.adapter_names.index(name) + 1].index_select(0, element)
+        return table[data[ADAPTER_INDEX_KEY] + 1, element]
 
     def forward(self, data: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, Any]:
-        routing = self._routing_for(data)
-        self._routing.routing = routing
+        route = self._route(data)
+        if route is None:
+            return self.base_model(data, **kwargs)
+        targets = {t for name, _ in route.slots for t in self._records[name].targets}
+        handles = []
         try:
+            for target in targets:
+                layer = self.mmea_layers[_layer_key(target)]
+                hook = functools.partial(_hook, layer, route)
+                handles.append(self._linears[target].register_forward_hook(hook))
             out = self.base_model(data, **kwargs)
         finally:
-            self._routing.routing = None
-        if routing is not None:
-            shift = self._node_e0_shift(data, routing)
-            if shift is not None:
-                out = dict(out)
-                num_graphs = out["energy"].shape[0]
-                graph_shift = torch.zeros(num_graphs, dtype=shift.dtype, device=shift.device)
-                graph_shift = graph_shift.index_add(0, data["batch"], shift)
-                out["energy"] = out["energy"] + graph_shift
-                if out.get("node_energy") is not None:
-                    out["node_energy"] = out["node_energy"] + shift
+            for handle in handles:
+                handle.remove()
+        shift = self._e0_shift(data, route)
+        if shift is not None:
+            out = dict(out)
+            num_graphs = out["energy"].shape[0]
+            graph_shift = torch.zeros(num_graphs, dtype=shift.dtype, device=shift.device)
+            out["energy"] = out["energy"] + graph_shift.index_add(0, data["batch"], shift)
+            if out.get("node_energy") is not None:
+                out["node_energy"] = out["node_energy"] + shift
         return out
-
-
-def _scalar_width(module: torch.nn.Module) -> int:
-    irreps_in = o3.Irreps(str(module.irreps_in))
-    return sum(mul for mul, ir in irreps_in if ir == o3.Irrep("0e"))

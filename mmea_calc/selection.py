@@ -12,6 +12,7 @@ z-score: about 1 inside the training distribution, much larger outside (an out-o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ import ase
 import numpy as np
 import torch
 
-from mmea_calc._deps import o3
 from mmea_calc.data import atoms_to_graph, collate
-from mmea_calc.errors import AdapterNotFoundError, NoCandidateAdapterError
+from mmea_calc.errors import AdapterNotFoundError, ConfigError, NoCandidateAdapterError
+from mmea_calc.identity import base_info
+from mmea_calc.mace_model import invariant_feature_index
 
 __all__ = [
     "TAG_KEY",
@@ -43,37 +45,21 @@ _STD_FLOOR = 1e-2  # fraction of the element's mean std used as a floor for each
 
 def _bare(model: Any) -> tuple[torch.nn.Module, Any]:
     """The base module and a context that disables adapters (for an AdaptedModel)."""
-    import contextlib
-
     if hasattr(model, "disable_adapters"):
         return model, model.disable_adapters()
     return model, contextlib.nullcontext()
-
-
-def _invariant_index(base: torch.nn.Module) -> torch.Tensor:
-    """Positions of ``0e`` channels in MACE's concatenated per-layer ``node_feats``."""
-    index, offset = [], 0
-    for product in base.products:
-        irreps = o3.Irreps(str(product.linear.irreps_out))
-        for (_, ir), sl in zip(irreps, irreps.slices(), strict=True):
-            if ir == o3.Irrep("0e"):
-                index.extend(range(offset + sl.start, offset + sl.stop))
-        offset += irreps.dim
-    return torch.tensor(index, dtype=torch.long)
 
 
 def invariant_descriptors(
     model: Any, atoms_list: Sequence[ase.Atoms], batch_size: int = 16
 ) -> list[np.ndarray]:
     """Per-atom invariant descriptors of the *bare* base model, one ``[n_atoms, D]`` array each."""
-    from mmea_calc.base import base_info
-
     module, bare = _bare(model)
     base = getattr(module, "base_model", module)
     info = getattr(module, "base_info", None) or base_info(base)
     dtype = next(base.parameters()).dtype
     device = next(base.parameters()).device
-    index = _invariant_index(base).to(device)
+    index = invariant_feature_index(base).to(device)
     result: list[np.ndarray] = []
     with bare:
         for start in range(0, len(atoms_list), batch_size):
@@ -98,7 +84,7 @@ def describe_environment(model: Any, atoms_list: Sequence[ase.Atoms]) -> dict[st
         per-element descriptor mean/std/count.
     """
     if len(atoms_list) == 0:
-        raise ValueError("describe_environment needs at least one structure")
+        raise ConfigError("describe_environment needs at least one structure")
     descriptors = invariant_descriptors(model, list(atoms_list))
     numbers = np.concatenate([a.numbers for a in atoms_list])
     feats = np.concatenate(descriptors, axis=0)
@@ -161,21 +147,39 @@ Select = str | None | Callable[[ase.Atoms], "str | None"]
 
 
 class AdapterSelector:
-    """Picks an adapter per structure and keeps the choice sticky per (numbers, pbc).
+    """Picks an adapter per structure and remembers the choice per (numbers, pbc).
 
     Args:
         model: the :class:`~mmea_calc.AdaptedModel` whose adapters are chosen from.
         select: ``"auto"``, an adapter name, ``None``/``"base"``, or ``atoms -> name | None``.
+            ``"auto"`` and a callable are asked once per composition (atomic numbers and pbc)
+            and their answer is kept, so an MD trajectory never switches adapter;
+            :meth:`reselect` forgets the answers.
         on_unknown: ``"error"`` (default) or ``"base"`` when no adapter covers the elements.
+
+    ``revision`` counts changes of the rule (``select``, ``on_unknown``, :meth:`reselect`);
+    the remembered choices are also forgotten whenever the model's ``revision`` changes
+    (adapters added, loaded or deleted).
     """
 
     def __init__(self, model: Any, select: Select = "auto", on_unknown: str = "error") -> None:
-        if on_unknown not in ("error", "base"):
-            raise ValueError(f"on_unknown={on_unknown!r} is not valid; use 'error' or 'base'")
         self.model = model
-        self.on_unknown = on_unknown
         self._cache: dict[tuple, Choice] = {}
+        self._model_revision = model.revision
+        self.revision = 0
+        self.on_unknown = on_unknown
         self.select = select
+
+    @property
+    def on_unknown(self) -> str:
+        return self._on_unknown
+
+    @on_unknown.setter
+    def on_unknown(self, value: str) -> None:
+        if value not in ("error", "base"):
+            raise ConfigError(f"on_unknown={value!r} is not valid; use 'error' or 'base'")
+        self._on_unknown = value
+        self.reselect()
 
     @property
     def select(self) -> Select:
@@ -186,7 +190,7 @@ class AdapterSelector:
         if isinstance(value, str) and value not in ("auto", "base"):
             self._check_name(value)
         elif not (value is None or isinstance(value, str) or callable(value)):
-            raise ValueError(
+            raise ConfigError(
                 f"select={value!r} is not valid; use 'auto', an adapter name, None/'base', "
                 "or a callable atoms -> name"
             )
@@ -194,8 +198,9 @@ class AdapterSelector:
         self.reselect()
 
     def reselect(self) -> None:
-        """Forget cached choices: the next structure of each kind is chosen anew."""
+        """Forget remembered choices: the next structure of each kind is chosen anew."""
         self._cache.clear()
+        self.revision += 1
 
     def _check_name(self, name: str | None) -> str | None:
         if name in (None, "base"):
@@ -207,17 +212,22 @@ class AdapterSelector:
         return name
 
     def choose(self, atoms: ase.Atoms) -> Choice:
-        """The adapter for ``atoms`` (tag > explicit/callable > cached auto choice)."""
+        """The adapter for ``atoms`` (tag > explicit > remembered callable/auto choice)."""
+        if self.model.revision != self._model_revision:  # adapters changed: choose anew
+            self._model_revision = self.model.revision
+            self._cache.clear()
         tag = atoms.info.get(TAG_KEY)
         if tag is not None:
             return Choice(self._check_name(str(tag)), "tag")
-        if callable(self._select):
-            return Choice(self._check_name(self._select(atoms)), "callable")
-        if self._select != "auto":
+        if not callable(self._select) and self._select != "auto":
             return Choice(self._check_name(self._select), "explicit")
-        key = (tuple(int(z) for z in atoms.numbers), tuple(bool(p) for p in atoms.pbc))
+        key = (atoms.numbers.tobytes(), tuple(bool(p) for p in atoms.pbc))
         if key not in self._cache:
-            self._cache[key] = self._auto(atoms)
+            if callable(self._select):
+                choice = Choice(self._check_name(self._select(atoms)), "callable")
+            else:
+                choice = self._auto(atoms)
+            self._cache[key] = choice
         return self._cache[key]
 
     def _environment(self, name: str) -> Mapping[str, Any] | None:

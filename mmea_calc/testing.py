@@ -14,10 +14,8 @@ from typing import Any
 import ase
 import numpy as np
 import torch
-from mace import modules
-from mace.tools import torch_tools
 
-from mmea_calc._deps import o3
+from mmea_calc._deps import mace, o3, torch_tools
 from mmea_calc.data import atoms_to_graph, collate
 
 __all__ = [
@@ -81,7 +79,7 @@ def _build_tiny_mace(
     dtype: str,
     seed: int,
 ) -> torch.nn.Module:
-    blocks = modules.interaction_classes
+    blocks = mace.modules.interaction_classes
     name = "RealAgnosticResidualInteractionBlock" if residual else "RealAgnosticInteractionBlock"
     inter = blocks[name]
     rng = np.random.default_rng(seed)
@@ -113,9 +111,11 @@ def _build_tiny_mace(
         warnings.filterwarnings("ignore", message="The TorchScript type system")
         torch.manual_seed(seed)
         if scale_shift:
-            model = modules.ScaleShiftMACE(atomic_inter_scale=1.3, atomic_inter_shift=0.1, **kwargs)
+            model = mace.modules.ScaleShiftMACE(
+                atomic_inter_scale=1.3, atomic_inter_shift=0.1, **kwargs
+            )
         else:
-            model = modules.MACE(**kwargs)
+            model = mace.modules.MACE(**kwargs)
         with torch.no_grad():  # non-trivial symmetric-contraction weights, not just the init
             for pname, param in model.named_parameters():
                 if "weights" in pname and "symmetric" in pname:
@@ -240,7 +240,7 @@ def write_demo_assets(
     import ase.io
 
     from mmea_calc.base_format import write_base_dir
-    from mmea_calc.demo import water_box
+    from mmea_calc.build import water_box
     from mmea_calc.model import AdaptedModel, MMEAConfig
     from mmea_calc.selection import describe_environment
 

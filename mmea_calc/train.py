@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from mmea_calc import _trainer
-from mmea_calc._trainer import predict
+from mmea_calc._deps import lora
 from mmea_calc.base import base_info, load_base, resolve_dtype
 from mmea_calc.data import (
     DataKeys,
@@ -45,9 +46,19 @@ from mmea_calc.data import (
     reference_values,
     split_structures,
 )
-from mmea_calc.errors import OutputExistsError
-from mmea_calc.io import atomic_write_bytes, atomic_write_json
+from mmea_calc.errors import ConfigError, OutputExistsError
+from mmea_calc.files import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    CHECKPOINT_NAME,
+    MODEL_NAME,
+    TRAINING_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+)
+from mmea_calc.metrics import error_metrics, predict
 from mmea_calc.model import AdaptedModel, MMEAConfig
+from mmea_calc.selection import describe_environment
 
 __all__ = [
     "METHODS",
@@ -62,14 +73,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METHODS = ("mmea", "lora", "full")
-TRAINING_NAME = "training.json"
-MODEL_NAME = "model.model"
 OUTPUT_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
     TRAINING_NAME,
     MODEL_NAME,
-    _trainer.CHECKPOINT_NAME,
+    CHECKPOINT_NAME,
 )
 
 
@@ -94,7 +103,10 @@ class TrainConfig:
         valid_fraction: validation share when no validation set is given (seeded split).
         fit_e0s: fit a per-element energy correction to the base model's residual.
         e0_ridge: ridge strength of that fit (see :func:`~mmea_calc.data.fit_e0_correction`).
-        seed, device, dtype: reproducibility and placement (``dtype`` converts a loaded base).
+        seed: seeds the adapter's initialisation and the batch order.
+        device, dtype: where training runs. ``None`` (default): a given model stays where it
+            is and keeps its dtype; a model file is loaded onto the CPU in float64. A value
+            moves or converts the model (a given module in place: asked for, not silent).
 
     Example:
         >>> config = TrainConfig(method="lora", rank=4, epochs=60)
@@ -125,28 +137,33 @@ class TrainConfig:
     fit_e0s: bool = True
     e0_ridge: float = 1e-4
     seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float64"
+    device: str | None = None
+    dtype: str | None = None
     eval_batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not supported; valid: {list(METHODS)}")
+            raise ConfigError(f"method {self.method!r} is not supported; valid: {list(METHODS)}")
         positive = ("rank", "epochs", "batch_size", "eval_batch_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
         weights = (self.energy_weight, self.forces_weight, self.stress_weight)
         if min(weights) < 0 or sum(weights) == 0:
-            raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}")
+            raise ConfigError(f"loss weights must be >= 0 and not all 0, got {weights}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"patience must be a positive integer or None, got {self.patience!r}")
+            raise ConfigError(f"patience must be a positive integer or None, got {self.patience!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+            raise ConfigError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         resolve_dtype(self.dtype)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from None
         if isinstance(self.targets, str):
             self.targets = [self.targets]
 
@@ -187,29 +204,6 @@ class FitResult:
     seconds_per_epoch: float
     out_dir: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-# ---------------------------------------------------------------------------- evaluation
-def error_metrics(pred: dict[str, np.ndarray], ref: dict[str, Any]) -> dict[str, float]:
-    """MAE and RMSE of energy per atom (meV/atom), force components (meV/Å), stress (meV/Å³).
-
-    ``ref`` is :func:`~mmea_calc.data.reference_values` of the same structures. Stress keys are
-    present only when some structure has a reference stress and ``pred`` holds stresses.
-    """
-    de = (pred["energy"] - ref["energy"]) / ref["num_atoms"] * 1000.0
-    df = (pred["forces"] - ref["forces"]).reshape(-1) * 1000.0
-    out = {
-        "n_structures": len(ref["energy"]),
-        "energy_mae_meV_per_atom": float(np.abs(de).mean()),
-        "energy_rmse_meV_per_atom": float(np.sqrt((de**2).mean())),
-        "forces_mae_meV_per_A": float(np.abs(df).mean()),
-        "forces_rmse_meV_per_A": float(np.sqrt((df**2).mean())),
-    }
-    if ref["stress_mask"].any() and pred.get("stress") is not None:
-        ds = (pred["stress"][ref["stress_mask"]] - ref["stress"]).reshape(-1) * 1000.0
-        out["stress_mae_meV_per_A3"] = float(np.abs(ds).mean())
-        out["stress_rmse_meV_per_A3"] = float(np.sqrt((ds**2).mean()))
-    return out
 
 
 # ---------------------------------------------------------------------------- methods
@@ -279,9 +273,7 @@ class _WholeModelSubject(_Subject):
     def result_model(self) -> torch.nn.Module:
         model = self.module
         if self.method == "lora":
-            from mace.modules.lora import merge_lora_weights
-
-            model = merge_lora_weights(model, inplace=False)
+            model = lora.merge_lora_weights(model, inplace=False)
         else:
             model = copy.deepcopy(model)
         model.eval()
@@ -290,8 +282,6 @@ class _WholeModelSubject(_Subject):
         return model
 
     def export(self, out_dir: Path, environment: dict[str, Any], training: dict[str, Any]) -> None:
-        import io
-
         buffer = io.BytesIO()
         torch.save(self.result_model(), buffer)  # mace's own format: a pickled module
         atomic_write_bytes(out_dir / MODEL_NAME, buffer.getvalue())
@@ -312,9 +302,7 @@ def _make_subject(
         else:
             base = copy.deepcopy(model)
             if config.method == "lora":
-                from mace.modules.lora import inject_LoRAs
-
-                inject_LoRAs(base, rank=config.rank, alpha=config.lora_alpha)
+                lora.inject_LoRAs(base, rank=config.rank, alpha=config.lora_alpha)
             else:
                 for param in base.parameters():
                     param.requires_grad_(True)
@@ -327,21 +315,25 @@ def _make_subject(
 def _prepare_model(
     model_or_base: Any, config: TrainConfig, name: str
 ) -> AdaptedModel | torch.nn.Module:
-    """An AdaptedModel (``mmea``) or a frozen MACE base (``lora``/``full``)."""
+    """An AdaptedModel (``mmea``) or a frozen MACE base (``lora``/``full``), placed as asked."""
     if isinstance(model_or_base, AdaptedModel):
-        if config.method == "mmea":
-            if name in model_or_base.adapter_names:
-                raise ValueError(
-                    f"the model already holds an adapter named {name!r}; pick another name"
-                )
-            return model_or_base
-        if model_or_base.adapter_names:
-            raise ValueError(
+        if config.method == "mmea" and name in model_or_base.adapter_names:
+            raise ConfigError(
+                f"the model already holds an adapter named {name!r}; pick another name"
+            )
+        if config.method != "mmea" and model_or_base.adapter_names:
+            raise ConfigError(
                 f"method {config.method!r} fine-tunes the base itself: pass the bare base, "
                 f"not an AdaptedModel holding adapters {model_or_base.adapter_names}"
             )
-        return model_or_base.base_model
-    base = load_base(model_or_base, device=config.device, dtype=config.dtype)
+        if config.device is not None or config.dtype is not None:
+            model_or_base.to(device=config.device, dtype=resolve_dtype(config.dtype))
+        model: Any = model_or_base
+        return model if config.method == "mmea" else model.base_model
+    dtype = config.dtype
+    if dtype is None and not isinstance(model_or_base, torch.nn.Module):
+        dtype = "float64"  # a file: train in double precision unless told otherwise
+    base = load_base(model_or_base, device=config.device, dtype=dtype)
     return AdaptedModel(base) if config.method == "mmea" else base
 
 
@@ -358,8 +350,8 @@ def _labelled(
 
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other")
-    checkpoint = out_dir / _trainer.CHECKPOINT_NAME
+        raise ConfigError("resume and overwrite exclude each other")
+    checkpoint = out_dir / CHECKPOINT_NAME
     if resume:
         if not checkpoint.is_file():
             raise OutputExistsError(
@@ -436,7 +428,7 @@ def fit_adapter(
     if out is not None:
         _check_out_dir(out, resume, overwrite)
     elif resume:
-        raise ValueError("resume needs out_dir (where the checkpoint is)")
+        raise ConfigError("resume needs out_dir (where the checkpoint is)")
     model = _prepare_model(model_or_base, config, name)
     info = model.base_info if isinstance(model, AdaptedModel) else base_info(model)
     zs = info["atomic_numbers"]
@@ -515,8 +507,6 @@ def _finish(loop: _trainer.Loop, name: str, status: str) -> FitResult:
     if loop.out is not None and (loop.best_state is not None or status != "interrupted"):
         environment = None
         if subject.method == "mmea":
-            from mmea_calc.selection import describe_environment
-
             environment = describe_environment(subject.module, run.train_atoms)
         subject.export(loop.out, environment, summary)
         full = dict(summary, base=run.base, history=loop.history)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmea_calc._deps import o3
-from mmea_calc.adapter import MMEAGate, MMEALinear, _RoutingSource, gate_layout
+from mmea_calc.adapter import MMEAGate, MMEALayer, Route, gate_layout
 from mmea_calc.errors import TargetError
 
 
@@ -31,33 +31,59 @@ def test_fresh_gate_is_identity(phi):
     assert torch.equal(shift, torch.zeros(7, 2, dtype=torch.float64))
 
 
-def test_wrapped_linear_gates_whole_irreps():
+def _random_layer():
     irreps_in, irreps_out = o3.Irreps("4x0e+2x1o"), o3.Irreps("3x0e+2x1o+1x0o")
     linear = o3.Linear(irreps_in, irreps_out).double()
-    src = _RoutingSource()
-    wrapped = MMEALinear(linear, src)
-    wrapped.mmea_adapters["a"] = MMEAGate(4, 2, 2, 3, dtype=torch.float64)
-    with torch.no_grad():
-        for p in wrapped.mmea_adapters["a"].parameters():
-            p.normal_()
-    from mmea_calc.adapter import Routing
+    layer = MMEALayer(linear)
+    for name in ("a", "b"):
+        gate = layer.add_gate(name, 2, like=linear.weight)
+        with torch.no_grad():
+            for p in gate.parameters():
+                p.normal_()
+    return linear, layer
 
-    x = torch.randn(5, irreps_in.dim, dtype=torch.float64)
+
+def test_layer_gates_whole_irreps():
+    linear, layer = _random_layer()
+    x = torch.randn(5, linear.irreps_in.dim, dtype=torch.float64)
     base = linear(x)
-    assert torch.equal(wrapped(x), base)  # no routing -> base, bit for bit
-    src.routing = Routing(names=("a",))
-    y = wrapped(x)
-    scale, shift = wrapped.mmea_adapters["a"](x[:, :4])
+    assert torch.equal(layer(x, base, Route(5, ())), base)  # no slot -> base, bit for bit
+    assert torch.equal(layer(x, base, Route(5, (("other", None),))), base)  # not targeted here
+    y = layer(x, base, Route(5, (("a", None),)))
+    scale, shift = layer.gates["a"](x[:, :4])
     assert torch.allclose(y[:, :3], base[:, :3] + shift)
     assert torch.allclose(y[:, 3:6], base[:, 3:6] * scale[:, :1])
     assert torch.allclose(y[:, 6:9], base[:, 6:9] * scale[:, 1:2])
     assert torch.equal(y[:, 9], base[:, 9])  # 0o untouched
 
 
+def test_layer_routes_nodes_to_their_adapter():
+    linear, layer = _random_layer()
+    x = torch.randn(6, linear.irreps_in.dim, dtype=torch.float64)
+    base = linear(x)
+    a, b = torch.tensor([0, 3]), torch.tensor([1, 4, 5])
+    y = layer(x, base, Route(6, (("a", a), ("b", b))))
+    only_a = layer(x, base, Route(6, (("a", None),)))
+    only_b = layer(x, base, Route(6, (("b", None),)))
+    assert torch.equal(y[a], only_a[a]) and torch.equal(y[b], only_b[b])
+    assert torch.equal(y[2], base[2])  # node 2 is in no slot: the base, exactly
+    with pytest.raises(RuntimeError, match="covers 5 nodes"):
+        layer(x, base, Route(5, (("a", None),)))
+
+
+def test_gate_is_created_on_the_device_and_dtype_of_its_linear():
+    linear = o3.Linear("4x0e+2x1o", "3x0e+2x1o").to("meta")
+    layer = MMEALayer(linear)
+    gate = layer.add_gate("a", 2, like=linear.weight.float())
+    assert {p.device.type for p in gate.parameters()} == {"meta"}
+    assert {p.dtype for p in gate.parameters()} == {torch.float32}
+    assert layer.mult_index.device.type == "meta"
+
+
 def test_linear_without_scalar_input_is_refused():
     linear = o3.Linear(o3.Irreps("2x1o"), o3.Irreps("2x1o"))
     with pytest.raises(TargetError, match="no 0e input"):
-        MMEALinear(linear, _RoutingSource())
+        MMEALayer(linear)
 
 
 def test_logit_bound_keeps_gates_finite_and_near_exp_for_small_logits():

@@ -42,7 +42,7 @@ def test_relax_example_moves_positions_and_cell(demo_assets, tmp_path):
     out = _run([sys.executable, "examples/relax.py", *_model_args(demo_assets), "--water", "8",
                 "--steps", "3", "--out", str(relaxed)])  # fmt: skip
     assert "after 3 BFGS steps" in out and "GPa" in out
-    from mmea_calc.demo import water_box
+    from mmea_calc.build import water_box
 
     start, final = water_box(8), ase.io.read(relaxed)
     assert abs(final.get_volume() - start.get_volume()) > 1e-6  # the cell moved too
