@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import mmea_calc.base_format as base_format
+from mmea_calc.build import water_box
 from mmea_calc.calculator import MMEACalculator
 from mmea_calc.cli import main
-from mmea_calc.build import water_box
 from mmea_calc.demo import QUICK, _check_errors, run_demo
 from mmea_calc.errors import DemoError, EmbeddedAssetsMissingError
 
