@@ -222,7 +222,7 @@ class MMEACalculator(Calculator):
             "ptr": data["ptr"].cpu().numpy(),
         }
         if stress:
-            result["stress"] = out["stress"].detach().cpu().to(torch.float64).numpy()
+            result["stress"] = _stress_per_cell_volume(out["stress"], data["cell"], atoms_list)
         _check_finite(result, atoms_list, choices)
         return result
 
@@ -324,6 +324,17 @@ def _check_finite(
                 "structure is probably far outside the base model's or the adapter's training "
                 "data (atoms too close?)"
             )
+
+
+def _stress_per_cell_volume(
+    stress: torch.Tensor, cell: torch.Tensor, atoms_list: Sequence[ase.Atoms]
+) -> np.ndarray:
+    """mace's stress is the virial over the volume of *its* cell, which it stretches along
+    non-periodic directions; ASE's is over ``atoms.cell``'s volume. Convert to ASE's."""
+    stress = stress.detach().cpu().to(torch.float64).numpy()
+    model_volume = np.abs(np.linalg.det(cell.detach().cpu().to(torch.float64).view(-1, 3, 3)))
+    volume = np.array([a.cell.volume for a in atoms_list])
+    return stress * (model_volume / volume)[:, None, None]
 
 
 def _chunks(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:

@@ -61,3 +61,37 @@ def test_real_spice_model(spice_model_path):
         ref = evaluate(model, [atoms])
     got = evaluate(model, [atoms])
     assert torch.allclose(got["forces"], ref["forces"], atol=1e-12)
+
+
+def test_a_module_is_frozen_in_place_and_never_moved():
+    base = build_tiny_mace(dtype=torch.float32).to("meta")
+    loaded = load_base(base)
+    assert loaded is base
+    assert {p.device.type for p in base.parameters()} == {"meta"}
+    assert {p.dtype for p in base.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in base.parameters())
+
+
+def test_importing_any_module_prints_nothing_on_stdout():
+    import pkgutil
+    import subprocess
+    import sys
+
+    import mmea_calc
+
+    names = [m.name for m in pkgutil.iter_modules(mmea_calc.__path__, "mmea_calc.")]
+    assert "mmea_calc.data" in names and "mmea_calc.testing" in names
+    code = "import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == ""
+
+
+def test_installed_dependencies_satisfy_the_declared_ranges():
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(r).name: Requirement(r) for r in requires("mmea-calc") or []}
+    for name in ("mace-torch", "torch-ema", "e3nn"):
+        assert name in declared, name
+        assert declared[name].specifier.contains(version(name), prereleases=True), name

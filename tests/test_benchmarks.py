@@ -18,8 +18,6 @@ from mmea_calc.testing import build_tiny_mace
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _load(name: str):
     """Import ``benchmarks/<name>.py`` as a module (registered, so worker processes find it)."""

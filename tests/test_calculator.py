@@ -284,3 +284,117 @@ def test_non_finite_results_raise_instead_of_reaching_the_driver():
     calc = MMEACalculator(model, select="wild")
     with pytest.raises(NonFiniteResultError, match="adapter 'wild'"):
         calc.calculate(box(), ["energy", "forces"])
+
+
+# ---------------------------------------------------------------- state, keywords, placement
+def test_results_follow_changes_of_the_model_and_the_selection(tmp_path):
+    model = adapted(("a", "b"))
+    _with_env(model, "a", [box(seed=s) for s in range(3)])
+    atoms = box(seed=4)
+    atoms.calc = calc = MMEACalculator(model)
+    first = atoms.get_potential_energy()
+    assert calc.results["adapter"] == "a"
+    model.set_adapter_e0s("a", {1: 1.0})  # E0s changed behind the calculator
+    n_h = int((atoms.numbers == 1).sum())
+    assert atoms.get_potential_energy() == pytest.approx(first + n_h, abs=1e-9)
+    model.delete_adapter("a")  # the chosen adapter is gone: auto must choose anew
+    with pytest.raises(NoCandidateAdapterError):
+        atoms.get_potential_energy()
+    model.save_adapter("b", tmp_path / "b")
+    model.load_adapter(tmp_path / "b", name="c")
+    _with_env(model, "c", [box(seed=s) for s in range(3)])
+    model.set_adapter_e0s("c", None)  # the environment was set by hand: signal a change
+    assert atoms.get_potential_energy() != pytest.approx(first)
+    assert calc.results["adapter"] == "c"
+    calc.selector.select = "b"  # the rule changed behind the calculator
+    reference = MMEACalculator(model, select="b")
+    reference.calculate(atoms, ["energy"])
+    assert atoms.get_potential_energy() == reference.results["energy"]
+    assert calc.results["adapter"] == "b"
+
+
+def test_unknown_keywords_are_refused_with_the_valid_ones():
+    with pytest.raises(TypeError, match=r"\['selec'\].*'select'.*'label'"):
+        MMEACalculator(adapted(), selec="a")
+    calc = MMEACalculator(adapted(), select="a", label="run", directory=".")
+    assert calc.label == "run"
+
+
+def test_stress_follows_the_cell_not_only_pbc():
+    slab = box(seed=6)
+    slab.pbc = [True, True, False]  # a full-rank cell: stress is defined (as in ASE's EMT)
+    slab.calc = MMEACalculator(adapted(), select="a")
+    stress = slab.get_stress()
+    assert np.abs(stress).max() > 1e-4
+    np.testing.assert_allclose(stress, calculate_numerical_stress(slab, eps=1e-5), atol=1e-7)
+    molecule = random_cluster(6, seed=3)  # no cell: rank 0
+    molecule.calc = MMEACalculator(adapted(), select="a")
+    with pytest.raises(PropertyNotImplementedError, match="rank 0"):
+        molecule.get_stress()
+
+
+def test_the_callers_model_is_not_converted_unless_asked():
+    model = adapted(dtype=torch.float32)
+    calc = MMEACalculator(model, select="a")
+    assert model.dtype == torch.float32 and calc.dtype == torch.float32
+    atoms = box()
+    calc.calculate(atoms, ["energy", "forces"])
+    assert np.isfinite(calc.results["forces"]).all()
+    MMEACalculator(model, select="a", default_dtype="float64")  # asked: converted
+    assert model.dtype == torch.float64
+
+
+def test_float32_forces_and_stress_match_finite_differences():
+    atoms = box(seed=3)
+    atoms.calc = MMEACalculator(adapted(dtype=torch.float32), select="a")
+    forces, stress = atoms.get_forces(), atoms.get_stress()
+    assert atoms.calc.results["energies"].sum() == pytest.approx(
+        atoms.get_potential_energy(), rel=1e-5
+    )
+    # float32: FD steps must beat rounding (energy ~1e-6 relative), so larger eps and tolerance
+    fd_forces = calculate_numerical_forces(atoms, eps=1e-2)
+    np.testing.assert_allclose(forces, fd_forces, atol=5e-3 * max(1.0, np.abs(fd_forces).max()))
+    fd_stress = calculate_numerical_stress(atoms, eps=1e-3)
+    np.testing.assert_allclose(stress, fd_stress, atol=5e-4 * max(1.0, np.abs(fd_stress).max()))
+
+
+def test_energies_sum_to_energy_with_e0_corrections():
+    model = adapted()
+    model.set_adapter_e0s("a", {1: 0.3, 6: -0.7, 8: 1.1})
+    atoms = box(seed=8)
+    atoms.calc = MMEACalculator(model, select="a")
+    assert atoms.get_potential_energies().sum() == pytest.approx(
+        atoms.get_potential_energy(), abs=1e-10
+    )
+
+
+def test_calculate_batch_with_stress_and_a_structure_above_max_atoms():
+    model = adapted(("a", "b"))
+    structures = [box(seed=s, n=6 + 2 * s) for s in range(4)]
+    structures[2] = box(seed=30, n=24, side=7.0)  # larger than max_atoms: a batch of its own
+    for i, atoms in enumerate(structures):
+        atoms.info["mmea_adapter"] = ["a", "b"][i % 2]
+    calc = MMEACalculator(model)
+    batch = calc.calculate_batch(
+        structures, properties=("energy", "forces", "stress"), max_atoms=16
+    )
+    for atoms, res in zip(structures, batch, strict=True):
+        single = MMEACalculator(model)
+        single.calculate(atoms, ["energy", "forces", "stress"])
+        assert res["energy"] == pytest.approx(single.results["energy"], abs=1e-10)
+        np.testing.assert_allclose(res["forces"], single.results["forces"], atol=1e-10)
+        np.testing.assert_allclose(res["stress"], single.results["stress"], atol=1e-10)
+    assert all(np.abs(r["stress"]).max() > 0 for r in batch)
+
+
+def test_on_unknown_base_runs_the_base_through_calculate(caplog):
+    model = adapted(("hc",))
+    _with_env(model, "hc", [random_cluster(8, ("H", "C"), seed=s) for s in range(3)])
+    atoms = random_cluster(9, ("H", "C", "O"), seed=1)
+    atoms.calc = MMEACalculator(model, on_unknown="base")
+    with caplog.at_level(logging.WARNING):
+        energy = atoms.get_potential_energy()
+    assert atoms.calc.results["adapter"] is None and "bare base" in caplog.text
+    bare = MMEACalculator(model, select=None)
+    bare.calculate(atoms, ["energy"])
+    assert energy == bare.results["energy"]

@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 import mmea_calc.base_format as base_format
 from mmea_calc.build import water_box
@@ -19,14 +18,6 @@ from mmea_calc.errors import DemoError, EmbeddedAssetsMissingError
 ROOT = Path(__file__).resolve().parents[1]
 # small enough to be fast on tiny stand-ins, big enough to exercise every step
 TINY = replace(QUICK, water_steps=8, molecule_steps=8, n_water=8, test_frames=4, prerelax_steps=5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,133 @@ def test_e0_correction_shifts_energy_per_element():
     expected = 0.5 * (atoms.numbers == 1).sum() - 1.25 * (atoms.numbers == 6).sum()
     assert got["energy"].item() - ref["energy"].item() == pytest.approx(expected, abs=1e-10)
     assert torch.allclose(got["forces"], ref["forces"], atol=1e-12)
+
+
+# ---------------------------------------------------------------- placement and shared bases
+def test_a_loaded_module_is_never_moved_or_converted():
+    base = build_tiny_mace(dtype=torch.float32).to("meta")  # meta: any move would show
+    model = AdaptedModel(base)
+    assert model.base_model is base
+    model.add_adapter("a", MMEAConfig(rank=2))
+    devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
+    assert devices == {"meta"}
+    assert {p.dtype for p in model.adapter_parameters("a")} == {torch.float32}
+    assert {p.dtype for p in base.parameters()} == {torch.float32}
+    # asked for: converted
+    f64 = AdaptedModel(build_tiny_mace(dtype=torch.float32), dtype="float64")
+    assert f64.dtype == torch.float64
+
+
+def _copy_adapter(source, name, target):
+    target.add_adapter(name, source.adapter_config(name), e0s=source.adapter_e0s(name))
+    with torch.no_grad():
+        for (_, mine), (_, theirs) in zip(
+            target.named_adapter_parameters(name),
+            source.named_adapter_parameters(name),
+            strict=True,
+        ):
+            mine.copy_(theirs)
+
+
+def test_models_sharing_one_base_do_not_see_each_others_adapters():
+    base = build_tiny_mace()
+    keys = list(base.state_dict())
+    modules = [type(m).__name__ for m in base.modules()]
+    first, second = AdaptedModel(base), AdaptedModel(base)
+    for seed, model in enumerate((first, second)):
+        model.add_adapter("a", MMEAConfig(rank=4))  # the same name in both
+        randomize_adapter(model, "a", std=0.1, seed=seed)
+    atoms = periodic_box()
+    got = [_outputs(m, atoms) for m in (first, second)]
+    for model, out in zip((first, second), got, strict=True):
+        alone = AdaptedModel(copy.deepcopy(build_tiny_mace()))
+        _copy_adapter(model, "a", alone)
+        ref = _outputs(alone, atoms)
+        for key in ref:
+            assert torch.allclose(out[key], ref[key], rtol=0, atol=1e-12), key
+    assert (got[0]["energy"] - got[1]["energy"]).abs().item() > 1e-6
+    # the base module itself is untouched: same keys, same module tree, the bare model
+    assert list(base.state_dict()) == keys
+    assert [type(m).__name__ for m in base.modules()] == modules
+    bare = _outputs(AdaptedModel(build_tiny_mace()), atoms)
+    direct = evaluate(base, [atoms], compute_stress=True)
+    assert torch.allclose(direct["energy"], bare["energy"], rtol=0, atol=1e-12)
+
+
+def test_revision_counts_every_change_of_what_the_model_computes(tmp_path):
+    model = AdaptedModel(build_tiny_mace())
+    seen = [model.revision]
+
+    def changed():
+        seen.append(model.revision)
+        return seen[-1] != seen[-2]
+
+    model.add_adapter("a", MMEAConfig(rank=2))
+    assert changed()
+    model.set_adapter_e0s("a", {1: 0.1})
+    assert changed()
+    model.save_adapter("a", tmp_path / "a")
+    assert not changed()  # saving changes nothing
+    model.load_adapter(tmp_path / "a", name="b")
+    assert changed()
+    model.set_adapter("b")
+    assert not changed()  # already active
+    model.set_adapter(None)
+    assert changed()
+    model.delete_adapter("b")
+    assert changed()
+
+
+def test_loaded_adapters_are_frozen_unless_asked(tmp_path):
+    model = AdaptedModel(build_tiny_mace())
+    model.add_adapter("a", MMEAConfig(rank=2))
+    assert all(p.requires_grad for p in model.adapter_parameters("a"))  # fresh: to be trained
+    model.save_adapter("a", tmp_path / "a")
+    model.load_adapter(tmp_path / "a", name="frozen")
+    model.load_adapter(tmp_path / "a", name="trainable", is_trainable=True)
+    assert not any(p.requires_grad for p in model.adapter_parameters("frozen"))
+    assert all(p.requires_grad for p in model.adapter_parameters("trainable"))
+    assert not any(p.requires_grad for p in model.base_model.parameters())
+
+
+def test_e0_shifts_follow_each_node_in_mixed_batches():
+    model = AdaptedModel(build_tiny_mace())
+    model.add_adapter("a", MMEAConfig(rank=2), e0s={1: 0.5, 8: -1.0}, set_active=False)
+    model.add_adapter("b", MMEAConfig(rank=2), e0s={6: 2.0}, set_active=False)
+    model.add_adapter("c", MMEAConfig(rank=2), set_active=False)  # no E0s
+    structures = [periodic_box(1), periodic_box(2), periodic_box(3), periodic_box(4)]
+    names = ["a", "b", None, "c"]
+    mixed = evaluate(model, structures, adapters=names)
+    bare = evaluate(model, structures, adapters=[None] * 4)
+    node_shift = mixed["node_energy"] - bare["node_energy"]
+    offset = 0
+    for i, (atoms, name) in enumerate(zip(structures, names, strict=True)):
+        table = model.adapter_e0s(name) or {} if name else {}
+        expected = torch.tensor(
+            [table.get(int(z), 0.0) for z in atoms.numbers], dtype=torch.float64
+        )
+        assert torch.allclose(node_shift[offset : offset + len(atoms)], expected, atol=1e-12)
+        shift = (mixed["energy"][i] - bare["energy"][i]).item()
+        assert shift == pytest.approx(float(expected.sum()))
+        assert torch.allclose(
+            mixed["node_energy"][offset : offset + len(atoms)].sum(), mixed["energy"][i]
+        )
+        offset += len(atoms)
+    assert node_shift.abs().max() > 0.4  # the shifts are really there
+
+
+def test_float64_adapter_loads_into_a_float32_model(tmp_path):
+    f32 = build_tiny_mace(dtype=torch.float32)
+    f64 = AdaptedModel(copy.deepcopy(f32), dtype="float64")
+    f64.add_adapter("a", MMEAConfig(rank=4), e0s={1: 0.25})
+    randomize_adapter(f64, "a", std=0.1, seed=3)
+    f64.save_adapter("a", tmp_path / "a")
+    model = AdaptedModel(f32)
+    model.load_adapter(tmp_path / "a")
+    assert {p.dtype for p in model.adapter_parameters("a")} == {torch.float32}
+    atoms = periodic_box()
+    got, ref = _outputs(model, atoms), _outputs(f64, atoms)
+    assert got["forces"].dtype == torch.float32
+    scale = ref["forces"].abs().max().item()
+    assert (got["forces"].double() - ref["forces"]).abs().max().item() <= 2e-4 * scale
+    assert got["energy"].double().item() == pytest.approx(ref["energy"].item(), rel=1e-5)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from mmea_calc import AdaptedModel, fingerprint
 from mmea_calc.data import label_structures, labelled_graphs, reference_values
-from mmea_calc.errors import DataError
+from mmea_calc.errors import ConfigError, DataError
 from mmea_calc.testing import build_tiny_mace, random_cluster
 from mmea_calc.train import (
     OutputExistsError,
@@ -19,8 +19,6 @@ from mmea_calc.train import (
     fit_adapter,
     predict,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +213,19 @@ def test_train_config_validation():
         TrainConfig(rank=0)
     with pytest.raises(ValueError, match="loss weights"):
         TrainConfig(energy_weight=0, forces_weight=0, stress_weight=0)
+
+
+def test_training_places_nothing_behind_the_callers_back():
+    from mmea_calc.train import _prepare_model
+
+    meta = build_tiny_mace(dtype=torch.float32).to("meta")
+    model = _prepare_model(meta, TrainConfig(), "x")  # device/dtype None: left where it is
+    assert model.base_model is meta and model.device.type == "meta"
+    assert model.dtype == torch.float32
+    adapted = AdaptedModel(build_tiny_mace(dtype=torch.float32))
+    assert _prepare_model(adapted, TrainConfig(), "x") is adapted
+    assert adapted.dtype == torch.float32
+    _prepare_model(adapted, TrainConfig(dtype="float64"), "x")  # asked: converted
+    assert adapted.dtype == torch.float64
+    with pytest.raises(ConfigError, match="device 'gpu0'"):
+        TrainConfig(device="gpu0")
