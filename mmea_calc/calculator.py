@@ -243,15 +243,18 @@ class MMEACalculator(Calculator):
         return results
 
     @staticmethod
-    def _wants_stress(atoms: ase.Atoms, properties: Sequence[str], where: str = "") -> bool:
-        if "stress" not in properties:
-            return False
-        if not _has_cell(atoms):
+    def _stress_for(atoms: ase.Atoms, properties: Sequence[str], where: str = "") -> bool:
+        """Whether to compute stress: whenever the cell allows (MD and relaxation drivers ask
+        for forces, then stress, of the same positions: one pass serves both); asking for
+        stress without a 3-D cell raises."""
+        if _has_cell(atoms):
+            return True
+        if "stress" in properties:
             raise PropertyNotImplementedError(
                 f"stress needs a 3-D cell (cell rank 3){where}; this cell has rank "
                 f"{atoms.cell.rank}"
             )
-        return True
+        return False
 
     def _prepare(self, atoms: ase.Atoms) -> _Prepared:
         """Per-composition work, as ASE's EMT does in ``initialize``."""
@@ -266,7 +269,7 @@ class MMEACalculator(Calculator):
     ) -> None:
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
-        stress = self._wants_stress(atoms, properties)
+        stress = self._stress_for(atoms, properties)
         if self._prepared is None or _COMPOSITION_CHANGES.intersection(system_changes):
             self._prepared = self._prepare(atoms)
         else:
@@ -295,10 +298,10 @@ class MMEACalculator(Calculator):
                 f"{self.implemented_properties}"
             )
         choices = []
-        stress = False
         for i, atoms in enumerate(atoms_list):
-            stress = self._wants_stress(atoms, properties, where=f" (structure {i})")
+            self._stress_for(atoms, properties, where=f" (structure {i})")
             choices.append(self.choose(atoms))
+        stress = "stress" in properties  # a batch computes what it is asked for
         results: list[dict[str, Any]] = []
         for chunk in _chunks([len(a) for a in atoms_list], max_atoms):
             group = [atoms_list[i] for i in chunk]

@@ -219,3 +219,13 @@ def test_sigint_writes_the_best_adapter_so_far(files, tmp_path):
     assert training["status"] == "interrupted" and 1 <= training["epochs_completed"] < 1000
     model = AdaptedModel(build_tiny_mace())
     assert model.load_adapter(out) == "run"  # a complete, valid adapter directory
+
+
+def test_verbose_shows_the_traceback_of_a_library_error(files, tmp_path, capsys):
+    argv = ["eval", "--base", str(tmp_path / "none.model"), "--data", files["valid"]]
+    assert main(["-v", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "BaseModelError" in err
+    assert err.strip().splitlines()[-1].startswith("mmea-calc: error:")
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err  # without -v: one line
