@@ -29,8 +29,17 @@ with contextlib.redirect_stdout(sys.stderr):  # mace.tools.cg prints its cuequiv
     from mace.tools import torch_geometric, torch_tools, utils
     from mace.tools.default_keys import DefaultKeys
 
+# LAMMPS export (mmea_calc.export, adapter.FrozenMMEALinear): mace's wrappers, e3nn's compiler
+with contextlib.redirect_stdout(sys.stderr):
+    from e3nn.util import jit as e3nn_jit
+    from mace.calculators.lammps_mace import LAMMPS_MACE
+    from mace.calculators.lammps_mliap_mace import LAMMPS_MLIAP_MACE
+
 __all__ = [
+    "LAMMPS_MACE",
+    "LAMMPS_MLIAP_MACE",
     "DefaultKeys",
+    "e3nn_jit",
     "lora",
     "mace",
     "mace_data",

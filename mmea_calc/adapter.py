@@ -29,14 +29,22 @@ frozen base module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from mmea_calc._deps import o3
+from mmea_calc._deps import e3nn_jit, o3
 from mmea_calc.errors import ConfigError, TargetError
 
-__all__ = ["PHI_CHOICES", "GateLayout", "MMEAGate", "MMEALayer", "Route", "gate_layout"]
+__all__ = [
+    "PHI_CHOICES",
+    "FrozenMMEALinear",
+    "GateLayout",
+    "MMEAGate",
+    "MMEALayer",
+    "Route",
+    "gate_layout",
+]
 
 PHI_CHOICES = ("exp", "1+x")
 Phi = Literal["exp", "1+x"]
@@ -277,3 +285,104 @@ class MMEALayer(torch.nn.Module):
         return self.modulate(
             out, scale if lay.num_gates else None, shift if lay.num_shifts else None
         )
+
+
+def _head(head: torch.nn.Linear | None, rank: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Weight and bias of a gate head, or empty ``[0, rank]``/``[0]`` tensors when it is absent."""
+    if head is None:
+        return like.new_zeros(0, rank), like.new_zeros(0)
+    return head.weight.detach().clone(), head.bias.detach().clone()
+
+
+@e3nn_jit.compile_mode("script")
+class FrozenMMEALinear(torch.nn.Module):
+    """A targeted ``o3.Linear`` with ONE adapter's gates baked in: a plain, scriptable module.
+
+    It computes exactly what :class:`MMEALayer` computes for that adapter on every node, with
+    typed attributes and buffers only (no routing, no ``Optional`` submodules), so a model
+    holding it compiles with ``e3nn.util.jit.compile`` and runs under LAMMPS
+    (:meth:`mmea_calc.AdaptedModel.freeze` builds such models). Its tensors are buffers: nothing
+    in it trains. The wrapped linear sits under ``.linear``, so state-dict keys change (one more
+    reason never to give a frozen model to converters that match weights by key name).
+
+    Example:
+        >>> linear = o3.Linear("4x0e+2x1o", "3x0e+2x1o")
+        >>> layer = MMEALayer(linear)
+        >>> gate = layer.add_gate("a", rank=2, like=linear.weight, logit_bound=10.0)
+        >>> for head in (gate.gate, gate.shift):
+        ...     _ = torch.nn.init.normal_(head.weight)
+        >>> frozen = FrozenMMEALinear(linear, layer, "a")
+        >>> x = torch.randn(5, linear.irreps_in.dim)
+        >>> expected = layer(x, linear(x), Route(5, (("a", None),)))
+        >>> torch.allclose(frozen(x), expected), torch.allclose(expected, linear(x))
+        (True, False)
+        >>> _ = torch.jit.script(frozen)
+    """
+
+    def __init__(self, linear: torch.nn.Module, layer: MMEALayer, name: str) -> None:
+        super().__init__()
+        if name not in layer.gates:
+            raise TargetError(f"no gate named {name!r} on this layer; gates: {list(layer.gates)}")
+        gate = layer.gates[name]
+        self.linear = linear
+        # The linear's weight, also under this module's own name: LAMMPS' pair_mace reads the
+        # model's dtype from ``model.node_embedding.linear.weight`` (no copy: same storage).
+        self.register_buffer("weight", linear.weight.detach(), persistent=False)
+        self.irreps_in = layer.irreps_in
+        self.irreps_out = layer.irreps_out
+        self.phi_exp: bool = gate.phi == "exp"
+        self.bounded: bool = gate.logit_bound is not None
+        self.logit_bound: float = float(gate.logit_bound) if gate.logit_bound is not None else 1.0
+        self.has_scale: bool = gate.gate is not None
+        self.has_shift: bool = gate.shift is not None
+        lay = layer.layout
+        device = gate.down.weight.device
+        scalar_index = [i for a, b in lay.scalar_in for i in range(a, b)]
+        for key, values in (
+            ("scalar_index", scalar_index),
+            ("mult_index", lay.mult_index),
+            ("add_index", lay.add_index),
+        ):
+            self.register_buffer(key, torch.tensor(values, dtype=torch.long, device=device))
+        weight = gate.down.weight
+        rank = weight.shape[0]
+        tensors = {
+            "down_weight": weight.detach().clone(),
+            "down_bias": gate.down.bias.detach().clone(),
+        }
+        tensors["gate_weight"], tensors["gate_bias"] = _head(gate.gate, rank, weight)
+        tensors["shift_weight"], tensors["shift_bias"] = _head(gate.shift, rank, weight)
+        for key, value in tensors.items():
+            self.register_buffer(key, value)
+
+    def _apply(self, *args: Any, **kwargs: Any) -> FrozenMMEALinear:
+        """``.to()``/``.double()``...: convert, then tie ``weight`` to the linear's weight again."""
+        module = super()._apply(*args, **kwargs)
+        self.weight = self.linear.weight.detach()
+        return module
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling and ``copy.deepcopy``: tie ``weight`` to the linear's weight again."""
+        super().__setstate__(state)
+        self.weight = self.linear.weight.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear's output on ``x`` ``[n, irreps_in.dim]``, modulated by the baked gates."""
+        out = self.linear(x)
+        u = torch.nn.functional.linear(
+            x.index_select(1, self.scalar_index), self.down_weight, self.down_bias
+        )
+        u = torch.nn.functional.silu(u)
+        n = out.shape[0]
+        if self.has_scale:
+            logits = torch.nn.functional.linear(u, self.gate_weight, self.gate_bias)
+            if self.bounded:
+                logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+            scale = torch.exp(logits) if self.phi_exp else 1.0 + logits
+            ones = torch.ones(n, 1, dtype=out.dtype, device=out.device)
+            out = out * torch.cat([scale, ones], dim=1).index_select(1, self.mult_index)
+        if self.has_shift:
+            shift = torch.nn.functional.linear(u, self.shift_weight, self.shift_bias)
+            zeros = torch.zeros(n, 1, dtype=out.dtype, device=out.device)
+            out = out + torch.cat([shift, zeros], dim=1).index_select(1, self.add_index)
+        return out

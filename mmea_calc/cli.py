@@ -116,6 +116,25 @@ def _add_demo(sub: Any) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="write a LAMMPS model file (pair_style mace or mliap) with one adapter"
+    )
+    p.add_argument("--base", required=True, help="base MACE model (.model file or base dir)")
+    p.add_argument("--adapter", required=True, help="adapter directory (baked into the file)")
+    p.add_argument("--out", required=True, help="output file (described in OUT.json)")
+    p.add_argument(
+        "--format",
+        default="lammps",
+        choices=["lammps", "mliap"],
+        help="lammps: TorchScript for pair_style mace; mliap: pair_style mliap unified",
+    )
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--head", help="head of a multi-head base (default: the last, as mace)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmea-calc`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -129,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_convert_base(sub)
     _add_demo(sub)
+    _add_export(sub)
     return parser
 
 
@@ -434,6 +454,25 @@ def _info_text(info: dict[str, Any]) -> str:
     if training.get("metrics"):
         lines.append(_metrics_table(training["metrics"]))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- export
+def _cmd_export(args: argparse.Namespace, stdout: TextIO) -> int:
+    from mmea_calc import AdaptedModel, load_base
+    from mmea_calc.export import export_lammps, export_mliap, lammps_input_lines, sidecar_path
+
+    model = AdaptedModel(load_base(args.base))
+    name = model.load_adapter(args.adapter)
+    export = export_lammps if args.format == "lammps" else export_mliap
+    info = export(model, name, args.out, dtype=args.dtype, head=args.head, overwrite=args.overwrite)
+    print(
+        f"# wrote {args.out} ({args.format}, {info['dtype']}, adapter {name!r}, base "
+        f"{info['base']['fingerprint'][:12]}) and {sidecar_path(args.out)}\n"
+        "# pair_coeff lists elements for LAMMPS atom types 1..N: reorder to your data file",
+        file=stdout,
+    )
+    print("\n".join(lammps_input_lines(args.format, args.out, info["elements"])), file=stdout)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ __all__ = [
     "DataError",
     "DemoError",
     "EmbeddedAssetsMissingError",
+    "ExportError",
     "InvalidStructureError",
     "MmeaCalcError",
     "NoCandidateAdapterError",
@@ -98,3 +99,8 @@ class DataError(MmeaCalcError, ValueError):
 
 class DemoError(MmeaCalcError, RuntimeError):
     """A step of ``mmea-calc demo`` misbehaved (wrong adapter, NaN, blow-up, no convergence...)."""
+
+
+class ExportError(MmeaCalcError, ValueError):
+    """A model cannot be exported as asked (an AdaptedModel without a frozen adapter, an
+    unknown adapter, dtype or head, an existing output file)."""

@@ -12,6 +12,7 @@ of one call would see the other's nodes); separate processes, or separate bases,
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import functools
 import logging
@@ -23,8 +24,8 @@ from typing import Any
 
 import torch
 
-from mmea_calc._deps import o3
-from mmea_calc.adapter import PHI_CHOICES, MMEALayer, Route
+from mmea_calc._deps import e3nn_jit, o3
+from mmea_calc.adapter import PHI_CHOICES, FrozenMMEALinear, MMEALayer, Route
 from mmea_calc.base import load_base
 from mmea_calc.errors import (
     AdapterExistsError,
@@ -36,6 +37,7 @@ from mmea_calc.errors import (
 )
 from mmea_calc.identity import base_info
 from mmea_calc.io import read_adapter_dir, write_adapter_dir
+from mmea_calc.mace_model import atomic_energies
 
 __all__ = ["ADAPTER_INDEX_KEY", "AdaptedModel", "MMEAConfig"]
 
@@ -565,3 +567,53 @@ class AdaptedModel(torch.nn.Module):
             if out.get("node_energy") is not None:
                 out["node_energy"] = out["node_energy"] + shift
         return out
+
+    # ---------------------------------------------------------------- export
+    def freeze(self, name: str) -> torch.nn.Module:
+        """A new plain MACE module with adapter ``name`` baked in (for TorchScript and LAMMPS).
+
+        The result is a deep copy of the base in which every linear the adapter targets is a
+        :class:`~mmea_calc.adapter.FrozenMMEALinear` (the linear plus this adapter's gates), and
+        whose per-element reference energies include the adapter's E0 corrections (every head
+        row). It takes and returns what the base does, has no routing and no Python-side
+        state, is in eval mode with nothing trainable, and compiles with
+        ``e3nn.util.jit.compile`` (what mace's ``LAMMPS_MACE`` export does). This model and
+        its base are left untouched. One adapter per frozen module: per-node routing cannot
+        survive LAMMPS (its ghost atoms carry no structure index).
+
+        Args:
+            name: a loaded adapter (not ``None``/``"base"``).
+
+        Raises:
+            AdapterNotFoundError: ``name`` is not a loaded adapter.
+
+        Example:
+            >>> from mmea_calc.testing import build_tiny_mace
+            >>> model = AdaptedModel(build_tiny_mace())
+            >>> model.add_adapter("water", MMEAConfig(rank=4))
+            >>> frozen = model.freeze("water")
+            >>> type(frozen.interactions[0].linear).__name__, frozen is model.base_model
+            ('FrozenMMEALinear', False)
+        """
+        record = self._record(name)
+        frozen = copy.deepcopy(self.base_model)
+        for target in record.targets:
+            parent_name, _, child = target.rpartition(".")
+            parent = frozen.get_submodule(parent_name)
+            baked = FrozenMMEALinear(getattr(parent, child), self.layer(target), name)
+            setattr(parent, child, baked)
+        if record.e0s:
+            e0 = atomic_energies(frozen)
+            zs = [int(z) for z in frozen.atomic_numbers]
+            shift = [record.e0s.get(z, 0.0) for z in zs]
+            with torch.no_grad():
+                e0.add_(torch.tensor(shift, dtype=e0.dtype, device=e0.device))
+        for param in frozen.parameters():
+            param.requires_grad_(False)
+        return frozen.eval()
+
+
+# e3nn.util.jit.compile(model) would script the (shared) base in place, leaving the per-call
+# hooks on linears that no longer run: the bare base, silently. Refuse instead; export with
+# AdaptedModel.freeze(name) or mmea_calc.export.
+e3nn_jit.compile_mode("unsupported")(AdaptedModel)

@@ -1,0 +1,325 @@
+"""Export an adapted model to LAMMPS: ``pair_style mace`` (TorchScript) and ML-IAP files.
+
+One adapter is baked into each file (:meth:`~mmea_calc.AdaptedModel.freeze`): LAMMPS pads every
+domain with ghost atoms that carry no structure index, so per-node routing between adapters
+cannot survive there. The frozen model goes through mace-torch's own wrappers:
+
+* :func:`export_lammps`: ``LAMMPS_MACE`` + ``e3nn.util.jit.compile`` + ``torch.jit.save``, the
+  file ``pair_style mace`` loads (as ``mace/cli/create_lammps_model.py`` writes it);
+* :func:`export_mliap`: ``LAMMPS_MLIAP_MACE``, ``torch.save``-d, for ``pair_style mliap
+  unified``. Unlike mace's script it is **not** converted to cuEquivariance: that converter
+  matches weights by key name and would silently corrupt (or drop) the adapted linears. Loading
+  the file unpickles Python classes, so LAMMPS' Python needs mmea_calc (and mace) installed.
+
+Each export writes a sidecar ``FILE.json`` recording the adapter, the base fingerprint, the
+element order, the dtype, the versions and the LAMMPS input lines. Writes are atomic.
+
+An :class:`~mmea_calc.AdaptedModel` itself must never reach mace's exporters or converters: its
+adapters act through per-call hooks that TorchScript, ``LAMMPS_MACE`` and the cuEquivariance
+converter do not see. :func:`check_exportable` refuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ase.data
+import torch
+
+from mmea_calc import __version__
+from mmea_calc._deps import LAMMPS_MACE, LAMMPS_MLIAP_MACE, e3nn_jit, mace
+from mmea_calc.adapter import MMEALayer
+from mmea_calc.errors import ExportError
+from mmea_calc.files import atomic_write_bytes, atomic_write_json, sha256_hex
+from mmea_calc.model import BASE_NAMES, AdaptedModel
+
+__all__ = [
+    "EXPORT_DTYPES",
+    "EXPORT_FORMATS",
+    "SIDECAR_FORMAT_VERSION",
+    "check_exportable",
+    "export_lammps",
+    "export_mliap",
+    "lammps_input_lines",
+    "lammps_module",
+    "sidecar_path",
+]
+
+EXPORT_FORMATS = ("lammps", "mliap")
+EXPORT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SIDECAR_FORMAT_VERSION = 1
+_REQUIRED = ("atomic_numbers", "r_max", "num_interactions", "atomic_energies_fn")
+
+
+def check_exportable(module: Any) -> torch.nn.Module:
+    """``module`` if it is a plain MACE model that mace's LAMMPS wrappers can export whole.
+
+    An :class:`~mmea_calc.AdaptedModel` (or any module holding one, or an MMEA layer) is refused:
+    its adapters act through forward hooks registered per call, which ``LAMMPS_MACE``,
+    TorchScript and mace's cuEquivariance converter never see, so the export would silently be
+    the bare base. Freeze one adapter first (:meth:`~mmea_calc.AdaptedModel.freeze`).
+
+    Raises:
+        ExportError: ``module`` holds adapters or is not a MACE model.
+
+    Example:
+        >>> from mmea_calc import AdaptedModel
+        >>> from mmea_calc.testing import build_tiny_mace
+        >>> check_exportable(AdaptedModel(build_tiny_mace()))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mmea_calc.errors.ExportError: an AdaptedModel cannot be exported as is...
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"cannot export a {type(module).__name__}: expected a MACE module")
+    for sub_name, sub in module.named_modules():
+        if isinstance(sub, AdaptedModel | MMEALayer):
+            where = f" (at {sub_name!r})" if sub_name else ""
+            raise ExportError(
+                f"an AdaptedModel cannot be exported as is{where}: its adapters act through "
+                "per-call hooks that LAMMPS_MACE, TorchScript and mace's cuEquivariance "
+                "converter drop silently; export model.freeze(name) (one adapter) or use "
+                "mmea_calc.export.export_lammps(model, name, path)"
+            )
+    missing = [a for a in _REQUIRED if not hasattr(module, a)]
+    if missing:
+        raise ExportError(
+            f"a {type(module).__name__} without {missing} is not a MACE model mace's LAMMPS "
+            "wrappers can export"
+        )
+    return module
+
+
+def _dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
+    for key, value in EXPORT_DTYPES.items():
+        if dtype in (key, value):
+            return key, value
+    raise ExportError(f"dtype {dtype!r} cannot be exported; valid: {list(EXPORT_DTYPES)}")
+
+
+def _head(module: torch.nn.Module, head: str | None) -> dict[str, str]:
+    heads = list(getattr(module, "heads", None) or [None])
+    if head is None:
+        return {}
+    if head not in heads:
+        raise ExportError(f"head {head!r} is not in the model; valid heads: {heads}")
+    return {"head": head}
+
+
+def lammps_module(
+    module: torch.nn.Module, *, dtype: str | torch.dtype = "float64", head: str | None = None
+) -> torch.jit.ScriptModule:
+    """``e3nn.util.jit.compile(LAMMPS_MACE(copy))``: what ``pair_style mace`` runs.
+
+    ``module`` is a plain MACE model (a base, or a :meth:`~mmea_calc.AdaptedModel.freeze`
+    result); it is deep-copied, put on the CPU in ``dtype`` and left untouched. ``head``
+    defaults to the model's last head, as in mace.
+
+    Raises:
+        ExportError: an AdaptedModel (see :func:`check_exportable`), a bad dtype or head.
+
+    Example:
+        >>> from mmea_calc.testing import build_tiny_mace
+        >>> scripted = lammps_module(build_tiny_mace())
+        >>> [int(z) for z in scripted.atomic_numbers]
+        [1, 6, 8]
+    """
+    check_exportable(module)
+    _, torch_dtype = _dtype(dtype)
+    kwargs = _head(module, head)
+    copied = copy.deepcopy(module).to(device="cpu", dtype=torch_dtype).eval()
+    with warnings.catch_warnings():  # torch deprecates the jit APIs e3nn and LAMMPS rely on
+        warnings.filterwarnings(
+            "ignore", message=".*torch.jit.*deprecated", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message="The TorchScript type system")
+        return e3nn_jit.compile(LAMMPS_MACE(copied, **kwargs))
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the JSON description of an exported file goes: ``FILE.json`` beside ``FILE``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def lammps_input_lines(fmt: str, path: str | os.PathLike, elements: list[str]) -> list[str]:
+    """The LAMMPS input lines that load an exported file (elements in the model's order).
+
+    ``pair_coeff`` maps LAMMPS atom types 1..N to elements: list them in your data file's type
+    order (any subset of the model's elements). On one MPI rank, ``pair_style mace
+    no_domain_decomposition`` is faster (ghosts folded into periodic shifts).
+
+    Example:
+        >>> print("\\n".join(lammps_input_lines("lammps", "water.pt", ["H", "O"])))
+        units metal
+        atom_modify map yes
+        newton on
+        pair_style mace
+        pair_coeff * * water.pt H O
+    """
+    common = ["units metal", "atom_modify map yes", "newton on"]
+    if fmt == "lammps":
+        return [
+            *common,
+            "pair_style mace",
+            f"pair_coeff * * {path} " + " ".join(elements),
+        ]
+    if fmt == "mliap":
+        return [
+            *common,
+            f"pair_style mliap unified {path} 0",
+            "pair_coeff * * " + " ".join(elements),
+        ]
+    raise ExportError(f"export format {fmt!r} is not supported; valid: {list(EXPORT_FORMATS)}")
+
+
+def _check_request(model: Any, name: str | None, path: str | os.PathLike, overwrite: bool) -> Path:
+    if not isinstance(model, AdaptedModel):
+        raise ExportError(
+            f"export_lammps/export_mliap take an AdaptedModel and an adapter name, got a "
+            f"{type(model).__name__}; export a bare MACE model with lammps_module or mace's "
+            "create_lammps_model"
+        )
+    if name in BASE_NAMES or name not in model.adapter_names:
+        raise ExportError(
+            f"adapter name {name!r} cannot be exported: name one adapter to bake in; loaded "
+            f"adapters: {model.adapter_names or 'none'}"
+        )
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} is absent")
+    if path.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: it is a directory")
+    if path.exists() and not overwrite:
+        raise ExportError(f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    return path
+
+
+def _describe(
+    model: AdaptedModel, name: str, path: Path, fmt: str, dtype: str, head: str | None, data: bytes
+) -> dict[str, Any]:
+    info = model.base_info
+    elements = [ase.data.chemical_symbols[z] for z in info["atomic_numbers"]]
+    config = model.adapter_config(name)
+    e0s = model.adapter_e0s(name)
+    return {
+        "format_version": SIDECAR_FORMAT_VERSION,
+        "format": fmt,
+        "file": path.name,
+        "sha256": sha256_hex(data),
+        "adapter": name,
+        "adapter_rank": config.rank,
+        "adapter_phi": config.phi,
+        "adapter_logit_bound": config.logit_bound,
+        "adapter_targets": model.adapter_targets(name),
+        "adapter_e0s_folded": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
+        "base": info,
+        "elements": elements,
+        "atomic_numbers": info["atomic_numbers"],
+        "r_max": info["r_max"],
+        "num_interactions": info["num_interactions"],
+        "head": head if head is not None else info["heads"][-1],
+        "dtype": dtype,
+        "cuequivariance": False,
+        "lammps_input": lammps_input_lines(fmt, path.name, elements),
+        "mmea_calc_version": __version__,
+        "mace_torch_version": getattr(mace, "__version__", None),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def _write(
+    model: AdaptedModel, name: str, path: Path, fmt: str, dtype: str, head: str | None, data: bytes
+) -> dict[str, Any]:
+    atomic_write_bytes(path, data)
+    description = _describe(model, name, path, fmt, dtype, head, data)
+    atomic_write_json(sidecar_path(path), description)
+    return description
+
+
+def export_lammps(
+    model: AdaptedModel,
+    name: str,
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float64",
+    head: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a TorchScript file for LAMMPS ``pair_style mace`` with adapter ``name`` baked in.
+
+    Args:
+        model: the adapted model (left untouched).
+        name: the adapter to bake in (one per file).
+        path: the output file; its description goes to ``FILE.json`` (:func:`sidecar_path`).
+        dtype: ``"float64"`` (default, as mace) or ``"float32"`` (faster, ~1e-6 relative).
+        head: the base's head to use (default: the last one, as mace).
+        overwrite: replace an existing file.
+
+    Returns:
+        The sidecar's content (adapter, base fingerprint, elements, dtype, LAMMPS input lines).
+
+    Raises:
+        ExportError: not an AdaptedModel, no/unknown adapter name, bad dtype/head, the file
+            exists (without ``overwrite``) or its folder does not.
+
+    Example:
+        >>> import tempfile
+        >>> from mmea_calc import AdaptedModel, MMEAConfig
+        >>> from mmea_calc.testing import build_tiny_mace
+        >>> model = AdaptedModel(build_tiny_mace())
+        >>> model.add_adapter("water", MMEAConfig(rank=4))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     info = export_lammps(model, "water", f"{tmp}/water.pt")
+        >>> info["adapter"], info["elements"], info["lammps_input"][-1]
+        ('water', ['H', 'C', 'O'], 'pair_coeff * * water.pt H C O')
+    """
+    path = _check_request(model, name, path, overwrite)
+    dtype_name, _ = _dtype(dtype)
+    compiled = lammps_module(model.freeze(name), dtype=dtype_name, head=head)
+    buffer = io.BytesIO()
+    torch.jit.save(compiled, buffer)
+    return _write(model, name, path, "lammps", dtype_name, head, buffer.getvalue())
+
+
+def export_mliap(
+    model: AdaptedModel,
+    name: str,
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float64",
+    head: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write an ML-IAP object (``pair_style mliap unified``) with adapter ``name`` baked in.
+
+    The file is mace's ``LAMMPS_MLIAP_MACE`` around :meth:`~mmea_calc.AdaptedModel.freeze`,
+    ``torch.save``-d (a pickle: LAMMPS' Python must import mace and mmea_calc to load it), in
+    plain e3nn: **no** cuEquivariance conversion, which would corrupt the adapted linears.
+    Arguments, return value and errors as :func:`export_lammps`.
+
+    Example:
+        >>> import tempfile
+        >>> from mmea_calc import AdaptedModel, MMEAConfig
+        >>> from mmea_calc.testing import build_tiny_mace
+        >>> model = AdaptedModel(build_tiny_mace())
+        >>> model.add_adapter("water", MMEAConfig(rank=4))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     info = export_mliap(model, "water", f"{tmp}/water-mliap.pt")
+        >>> info["format"], info["cuequivariance"], info["lammps_input"][-2]
+        ('mliap', False, 'pair_style mliap unified water-mliap.pt 0')
+    """
+    path = _check_request(model, name, path, overwrite)
+    dtype_name, torch_dtype = _dtype(dtype)
+    frozen = check_exportable(model.freeze(name)).to(device="cpu", dtype=torch_dtype)
+    wrapped = LAMMPS_MLIAP_MACE(frozen, **_head(frozen, head))
+    buffer = io.BytesIO()
+    torch.save(wrapped, buffer)
+    return _write(model, name, path, "mliap", dtype_name, head, buffer.getvalue())
