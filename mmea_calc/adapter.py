@@ -74,6 +74,9 @@ class GateLayout:
     num_shifts: int  # channels of 0e output blocks
     mult_index: tuple[int, ...]  # per output feature: column of [gates | 1]
     add_index: tuple[int, ...]  # per output feature: column of [shifts | 0]
+    # per output irrep block: (start, stop, mul, ir_dim, kind, first gate/shift column), kind
+    # "gate" (l > 0), "shift" (0e) or "none" (0o: a shift would break parity)
+    blocks: tuple[tuple[int, int, int, int, str, int], ...] = ()
 
 
 def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
@@ -88,8 +91,13 @@ def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
     num_shifts = sum(mul for mul, ir in irreps_out if ir == o3.Irrep("0e"))
     mult_index: list[int] = []
     add_index: list[int] = []
+    blocks = []
     gate, shift = 0, 0
-    for mul, ir in irreps_out:
+    for (mul, ir), sl in zip(irreps_out, irreps_out.slices(), strict=True):
+        if mul == 0:
+            continue
+        kind = "gate" if ir.l > 0 else "shift" if ir == o3.Irrep("0e") else "none"
+        blocks.append((sl.start, sl.stop, mul, ir.dim, kind, gate if ir.l > 0 else shift))
         for _ in range(mul):
             if ir.l > 0:
                 mult_index += [gate] * ir.dim
@@ -109,6 +117,7 @@ def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
         num_shifts=num_shifts,
         mult_index=tuple(mult_index),
         add_index=tuple(add_index),
+        blocks=tuple(blocks),
     )
 
 
@@ -248,15 +257,21 @@ class MMEALayer(torch.nn.Module):
     def modulate(
         self, out: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None
     ) -> torch.Tensor:
-        """Multiply ``l > 0`` channels by ``scale`` and add ``shift`` to ``0e`` channels."""
-        n = out.shape[0]
-        if scale is not None:
-            ones = torch.ones(n, 1, dtype=out.dtype, device=out.device)
-            out = out * torch.cat([scale, ones], dim=1).index_select(1, self.mult_index)
-        if shift is not None:
-            zeros = torch.zeros(n, 1, dtype=out.dtype, device=out.device)
-            out = out + torch.cat([shift, zeros], dim=1).index_select(1, self.add_index)
-        return out
+        """Multiply ``l > 0`` channels by ``scale`` and add ``shift`` to ``0e`` channels.
+
+        Block by block (a view and a broadcast per irrep block), not by gathering a per-feature
+        multiplier: the gather's backward is a scatter, and this runs in every force call.
+        """
+        parts = []
+        for start, stop, mul, dim, kind, col in self.layout.blocks:
+            block = out[:, start:stop]
+            if kind == "gate" and scale is not None:
+                gates = scale[:, col : col + mul].unsqueeze(-1)
+                block = (block.reshape(-1, mul, dim) * gates).reshape(-1, mul * dim)
+            elif kind == "shift" and shift is not None:
+                block = block + shift[:, col : col + mul]
+            parts.append(block)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
         if x.shape[0] != route.num_nodes:

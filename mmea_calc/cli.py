@@ -458,10 +458,10 @@ def _info_text(info: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- export
 def _cmd_export(args: argparse.Namespace, stdout: TextIO) -> int:
-    from mmea_calc import AdaptedModel, load_base
+    from mmea_calc import AdaptedModel
     from mmea_calc.export import export_lammps, export_mliap, lammps_input_lines, sidecar_path
 
-    model = AdaptedModel(load_base(args.base))
+    model = AdaptedModel(args.base, dtype=args.dtype)  # the adapter loads in the export dtype
     name = model.load_adapter(args.adapter)
     export = export_lammps if args.format == "lammps" else export_mliap
     info = export(model, name, args.out, dtype=args.dtype, head=args.head, overwrite=args.overwrite)

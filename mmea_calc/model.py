@@ -124,6 +124,10 @@ def _e0_dict(e0s: Mapping[int, float] | None) -> dict[int, float] | None:
     return {int(z): float(v) for z, v in e0s.items()} if e0s else None
 
 
+# e3nn.util.jit.compile(model) would script the (shared) base in place, leaving the per-call
+# hooks on linears that no longer run: the bare base, silently. Refuse instead; export with
+# AdaptedModel.freeze(name) or mmea_calc.export.
+@e3nn_jit.compile_mode("unsupported")
 class AdaptedModel(torch.nn.Module):
     """A frozen MACE base with named MMEA adapters.
 
@@ -611,9 +615,3 @@ class AdaptedModel(torch.nn.Module):
         for param in frozen.parameters():
             param.requires_grad_(False)
         return frozen.eval()
-
-
-# e3nn.util.jit.compile(model) would script the (shared) base in place, leaving the per-call
-# hooks on linears that no longer run: the bare base, silently. Refuse instead; export with
-# AdaptedModel.freeze(name) or mmea_calc.export.
-e3nn_jit.compile_mode("unsupported")(AdaptedModel)
