@@ -81,20 +81,28 @@ def _timed(fn, repeats):
 def per_step(mmea, mace, atoms, repeats):
     """Per-step medians (s) of the two calculators on ``atoms``, and the per-pair ratios.
 
-    Steps alternate between the calculators (who goes first alternates too), so each MMEA step
-    has a MACE step next to it; the ratio of each adjacent pair cancels slow drifts in machine
-    load, and the median and quartiles of those ratios are reported beside the ratio of medians.
+    A step is what an MD driver asks after moving the atoms: energy, forces and stress through
+    ASE (``atoms.get_*``, so each calculator sees only a change of positions). Steps alternate
+    between the calculators (who goes first alternates too), so each MMEA step has a MACE step
+    next to it; the ratio of each adjacent pair cancels slow drifts in machine load, and the
+    median and quartiles of those ratios are reported beside the ratio of medians.
     """
-    props = ["energy", "forces", "stress"]
     rng = np.random.default_rng(0)
+    probes = {}
+    for calc in (mmea, mace):
+        probes[id(calc)] = probe = atoms.copy()
+        probe.calc = calc
     ours, theirs = [], []
     for i in range(repeats + 2):
-        probe = atoms.copy()
-        probe.positions += rng.normal(scale=0.01, size=probe.positions.shape)
+        delta = rng.normal(scale=0.01, size=atoms.positions.shape)
         pair = [(mmea, ours), (mace, theirs)] if i % 2 == 0 else [(mace, theirs), (mmea, ours)]
         for calc, bucket in pair:
+            probe = probes[id(calc)]
+            probe.positions = atoms.positions + delta
             start = time.perf_counter()
-            calc.calculate(probe, props)
+            probe.get_potential_energy()
+            probe.get_forces()
+            probe.get_stress()
             if i >= 2:  # warm-up
                 bucket.append(time.perf_counter() - start)
     ratios = np.asarray(ours) / np.asarray(theirs)
@@ -263,7 +271,8 @@ def plot(results: dict, path: Path) -> None:
                           label="adjacent pairs: median, quartiles")  # fmt: skip
     else:
         ax_ratio.plot(atoms, [row["ratio"] for row in rows], "k.-", label="ratio of medians")
-    ax_ratio.axhline(1.05, color="r", lw=0.8, ls=":", label="goal 1.05")
+    ax_ratio.axhline(1.03, color="r", lw=0.8, ls=":", label="goals: 1.03 (30 atoms), 1.02")
+    ax_ratio.axhline(1.02, color="r", lw=0.8, ls=":")
     ax_ratio.axhline(1.0, color="0.6", lw=0.8)
     ax_ratio.set_ylabel("MMEA / MACE")
     ax_ratio.set_xlabel("atoms")
