@@ -38,12 +38,14 @@ from mmea_calc.errors import ConfigError, TargetError
 
 __all__ = [
     "PHI_CHOICES",
+    "RANGE_MARGIN",
     "FrozenMMEALinear",
     "GateLayout",
     "MMEAGate",
     "MMEALayer",
     "Route",
     "gate_layout",
+    "saturate",
 ]
 
 PHI_CHOICES = ("exp", "1+x")
@@ -58,10 +60,14 @@ class Route:
         num_nodes: rows of every node-feature tensor in the call.
         slots: ``(adapter name, node indices)`` pairs; indices ``None`` mean every node.
             Nodes in no slot run the bare base (multiplier exactly 1, shift exactly 0).
+        extrapolation: a list that collects, per gated linear, every node's extrapolation
+            grade (:meth:`MMEAGate.extrapolation`) for calibrated gates; ``None``: not
+            collected. It lives as long as the call.
     """
 
     num_nodes: int
     slots: tuple[tuple[str, torch.Tensor | None], ...]
+    extrapolation: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,59 @@ def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
     )
 
 
+#: Width of the smooth saturation beyond a recorded range, as a fraction of the range.
+RANGE_MARGIN = 0.1
+#: Floor of range widths (a channel that never varied in training still saturates smoothly).
+RANGE_MIN_WIDTH = 1e-3
+#: Range-widths outside the training range at which an adapter's update has faded to 1/e.
+FADE_SCALE = 1.0
+
+
+def saturate(
+    z: torch.Tensor, low: torch.Tensor, high: torch.Tensor, width: torch.Tensor
+) -> torch.Tensor:
+    """``z`` inside ``[low, high]``; beyond, it saturates smoothly within ``width``.
+
+    ``high + width tanh((z - high) / width)`` above the range (and the mirror image below): the
+    value, the slope (1) and the curvature (0) are continuous at the range's edges, so energies
+    stay smooth (forces continuous, exactly -dE/dx) and nothing beyond ``[low - width, high +
+    width]`` reaches the gate heads, however far outside the training data a structure lies.
+
+    Example:
+        >>> z = torch.tensor([[-5.0, 0.5, 1.0, 9.0]], dtype=torch.float64)
+        >>> lo, hi = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        >>> saturate(z, lo, hi, 0.1 * (hi - lo)).round(decimals=4).tolist()
+        [[-0.1, 0.5, 1.0, 1.1]]
+    """
+    over = (z - high).clamp_min(0.0)
+    under = (low - z).clamp_min(0.0)
+    return z - over + width * torch.tanh(over / width) + under - width * torch.tanh(under / width)
+
+
+def range_excess_squared(
+    z: torch.Tensor, low: torch.Tensor, high: torch.Tensor, min_width: float = RANGE_MIN_WIDTH
+) -> torch.Tensor:
+    """``[n]``: the squared norm over channels of how far ``z`` ``[n, r]`` lies outside
+    ``[low, high]``, each channel in units of its range's width (0 inside; C1 in ``z``, with no
+    square root, whose gradient at 0 would be infinite)."""
+    width = (high - low).clamp_min(min_width)
+    beyond = ((z - high).clamp_min(0.0) + (low - z).clamp_min(0.0)) / width
+    return (beyond * beyond).sum(dim=1)
+
+
+def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tensor:
+    """The weight of an adapter's update at a node whose squared distance outside the training
+    range is ``excess_squared`` (in range widths): ``exp(-excess² / FADE_SCALE²)``, 1 inside,
+    smooth, -> 0 far outside.
+
+    Example:
+        >>> excess = torch.tensor([0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+        >>> fade(excess**2).round(decimals=3).tolist()
+        [1.0, 0.779, 0.368, 0.0]
+    """
+    return torch.exp(-excess_squared / (scale * scale))
+
+
 class MMEAGate(torch.nn.Module):
     """One adapter's parameters for one linear: a rank-``r`` SiLU bottleneck and two heads.
 
@@ -158,6 +217,10 @@ class MMEAGate(torch.nn.Module):
         self.down = torch.nn.Linear(num_scalar_in, rank, **kw)
         self.gate = torch.nn.Linear(rank, num_gates, **kw) if num_gates else None
         self.shift = torch.nn.Linear(rank, num_shifts, **kw) if num_shifts else None
+        # the bottleneck's training range (set_range): buffers, so they follow .to(); stored in
+        # the adapter's config, not among its tensors
+        for key in ("range_low", "range_high", "range_width"):
+            self.register_buffer(key, None, persistent=False)
         with torch.no_grad():
             # W_down keeps torch's default init so gradients reach W_g/W_s from step one.
             self.down.bias.zero_()
@@ -168,17 +231,80 @@ class MMEAGate(torch.nn.Module):
             if self.shift is not None and shift_init_std > 0:
                 self.shift.weight.normal_(0.0, shift_init_std)
 
-    def forward(self, scalars: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Per-node multipliers for ``l > 0`` channels and additive terms for ``0e`` channels."""
-        u = torch.nn.functional.silu(self.down(scalars))
+    @property
+    def calibrated(self) -> bool:
+        """Whether the bottleneck's training range is recorded (see :meth:`set_range`)."""
+        return self.range_low is not None
+
+    def set_range(
+        self, low: torch.Tensor | None, high: torch.Tensor | None, margin: float = RANGE_MARGIN
+    ) -> None:
+        """Record the range ``[low, high]`` (``[rank]`` each) the bottleneck's pre-activation
+        spanned on the training data; outside it the pre-activation saturates smoothly
+        (:func:`saturate`, width ``margin`` times the range). ``None`` forgets it."""
+        if low is None or high is None:
+            self.range_low = self.range_high = self.range_width = None
+            return
+        like = self.down.bias
+        low = torch.as_tensor(low, dtype=like.dtype, device=like.device).reshape(-1)
+        high = torch.as_tensor(high, dtype=like.dtype, device=like.device).reshape(-1)
+        rank = like.shape[0]
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise ConfigError(
+                "a gate range must be finite; the adapter gave NaN/inf activations on the "
+                "calibration data (calibrate on the data it was trained on)"
+            )
+        if low.shape != (rank,) or high.shape != (rank,) or not bool((high >= low).all()):
+            raise ConfigError(
+                f"a gate range needs low <= high with {rank} values each, got shapes "
+                f"{tuple(low.shape)} and {tuple(high.shape)}"
+            )
+        if not margin > 0:
+            raise ConfigError(f"the range margin must be > 0, got {margin!r}")
+        self.range_low, self.range_high = low, high
+        self.range_width = (margin * (high - low)).clamp_min(RANGE_MIN_WIDTH)
+
+    def bottleneck(self, scalars: torch.Tensor) -> torch.Tensor:
+        """The pre-activation ``W_down h[0e] + b_down`` (``[n, rank]``), before saturation."""
+        return self.down(scalars)
+
+    def extrapolation(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-node distance of the pre-activation outside its range, ``[n]``: the norm over
+        the ``rank`` channels of each channel's excess in units of its range's width (0
+        inside). :func:`fade` turns it into the weight of the adapter's update."""
+        if self.range_low is None or self.range_high is None:
+            return z.new_zeros(z.shape[0])
+        return range_excess_squared(z, self.range_low, self.range_high).sqrt()
+
+    def heads(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Multipliers and additive terms from the pre-activation ``z``.
+
+        With a recorded range, the update fades out with the node's distance outside it
+        (logits and shifts times :func:`fade`) and ``z`` saturates (:func:`saturate`): inside
+        the range the adapter is exactly what was trained; far outside, the bare base.
+        """
+        weight = None
+        if self.range_low is not None:
+            excess = range_excess_squared(z, self.range_low, self.range_high)
+            weight = fade(excess).unsqueeze(1)
+            z = saturate(z, self.range_low, self.range_high, self.range_width)
+        u = torch.nn.functional.silu(z)
         scale = None
         if self.gate is not None:
             logits = self.gate(u)
             if self.logit_bound is not None:
                 logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+            if weight is not None:
+                logits = logits * weight
             scale = torch.exp(logits) if self.phi == "exp" else 1.0 + logits
         shift = self.shift(u) if self.shift is not None else None
+        if shift is not None and weight is not None:
+            shift = shift * weight
         return scale, shift
+
+    def forward(self, scalars: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-node multipliers for ``l > 0`` channels and additive terms for ``0e`` channels."""
+        return self.heads(self.bottleneck(scalars))
 
 
 class MMEALayer(torch.nn.Module):
@@ -283,16 +409,21 @@ class MMEALayer(torch.nn.Module):
         if not slots:
             return out
         scalars = self.scalars(x)
-        if len(slots) == 1 and slots[0][1] is None:
-            return self.modulate(out, *self.gates[slots[0][0]](scalars))
+        if len(slots) == 1 and slots[0][1] is None:  # every node, one adapter
+            gate = self.gates[slots[0][0]]
+            z = gate.bottleneck(scalars)
+            _record_extrapolation(route, gate, z, None)
+            return self.modulate(out, *gate.heads(z))
         lay = self.layout
         scale = torch.ones(x.shape[0], lay.num_gates, dtype=out.dtype, device=out.device)
         shift = torch.zeros(x.shape[0], lay.num_shifts, dtype=out.dtype, device=out.device)
         for name, idx in slots:
-            rows = scalars if idx is None else scalars.index_select(0, idx)
-            s, a = self.gates[name](rows)
-            if idx is None:  # every node, mixed with nothing else
-                return self.modulate(out, s, a)
+            if idx is None:
+                raise RuntimeError(f"adapter {name!r} is routed to every node beside others")
+            gate = self.gates[name]
+            z = gate.bottleneck(scalars.index_select(0, idx))
+            _record_extrapolation(route, gate, z, idx)
+            s, a = gate.heads(z)
             if s is not None:
                 scale = scale.index_put((idx,), s)
             if a is not None:
@@ -300,6 +431,18 @@ class MMEALayer(torch.nn.Module):
         return self.modulate(
             out, scale if lay.num_gates else None, shift if lay.num_shifts else None
         )
+
+
+def _record_extrapolation(
+    route: Route, gate: MMEAGate, z: torch.Tensor, idx: torch.Tensor | None
+) -> None:
+    """Add the nodes' extrapolation grades to the route's collector (when it has one)."""
+    if route.extrapolation is None or not gate.calibrated:
+        return
+    grade = gate.extrapolation(z.detach())
+    if idx is not None:
+        grade = grade.new_zeros(route.num_nodes).index_put((idx,), grade)
+    route.extrapolation.append(grade)
 
 
 def _head(head: torch.nn.Linear | None, rank: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -367,6 +510,10 @@ class FrozenMMEALinear(torch.nn.Module):
         }
         tensors["gate_weight"], tensors["gate_bias"] = _head(gate.gate, rank, weight)
         tensors["shift_weight"], tensors["shift_bias"] = _head(gate.shift, rank, weight)
+        self.has_range: bool = gate.calibrated
+        for key in ("range_low", "range_high", "range_width"):  # empty when not calibrated
+            value = getattr(gate, key)
+            tensors[key] = value.detach().clone() if value is not None else weight.new_zeros(0)
         for key, value in tensors.items():
             self.register_buffer(key, value)
 
@@ -387,17 +534,23 @@ class FrozenMMEALinear(torch.nn.Module):
         u = torch.nn.functional.linear(
             x.index_select(1, self.scalar_index), self.down_weight, self.down_bias
         )
+        weight = torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)
+        if self.has_range:
+            excess = range_excess_squared(u, self.range_low, self.range_high)
+            weight = fade(excess).unsqueeze(1)
+            u = saturate(u, self.range_low, self.range_high, self.range_width)
         u = torch.nn.functional.silu(u)
         n = out.shape[0]
         if self.has_scale:
             logits = torch.nn.functional.linear(u, self.gate_weight, self.gate_bias)
             if self.bounded:
                 logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+            logits = logits * weight
             scale = torch.exp(logits) if self.phi_exp else 1.0 + logits
             ones = torch.ones(n, 1, dtype=out.dtype, device=out.device)
             out = out * torch.cat([scale, ones], dim=1).index_select(1, self.mult_index)
         if self.has_shift:
-            shift = torch.nn.functional.linear(u, self.shift_weight, self.shift_bias)
+            shift = torch.nn.functional.linear(u, self.shift_weight, self.shift_bias) * weight
             zeros = torch.zeros(n, 1, dtype=out.dtype, device=out.device)
             out = out + torch.cat([shift, zeros], dim=1).index_select(1, self.add_index)
         return out

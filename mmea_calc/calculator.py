@@ -25,7 +25,7 @@ from mmea_calc.data import (
     collate,
     z_table_of,
 )
-from mmea_calc.errors import NonFiniteResultError
+from mmea_calc.errors import ConfigError, ExtrapolationError, NonFiniteResultError
 from mmea_calc.model import ADAPTER_INDEX_KEY, AdaptedModel
 from mmea_calc.selection import TAG_KEY, AdapterSelector, Choice, Select
 
@@ -38,6 +38,7 @@ AdapterSpec = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str
 _ASE_KEYWORDS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
 #: What changes the per-composition state (element check, adapter choice, routing index).
 _COMPOSITION_CHANGES = frozenset({"numbers", "pbc", "info", "model"})
+_ON_EXTRAPOLATION = ("ignore", "warn", "error")
 
 
 def _adapter_items(adapters: AdapterSpec) -> list[tuple[str | None, Path]]:
@@ -82,11 +83,22 @@ class MMEACalculator(Calculator):
             a given module's own dtype. A given module is converted (in place: it is the
             caller's object) only when a dtype is given.
         on_unknown: ``"error"`` or ``"base"`` when no adapter covers a structure's elements.
+        on_extrapolation: ``"ignore"`` (default), ``"warn"`` (a log warning per calculation)
+            or ``"error"`` (:class:`~mmea_calc.errors.ExtrapolationError`) when a structure's
+            extrapolation grade exceeds ``extrapolation_threshold``.
+        extrapolation_threshold: grade above which a structure counts as extrapolating
+            (default 1.0: an activation one range-width beyond what training saw).
         label, directory, atoms, restart, ignore_bad_restart_file: as for any ASE calculator.
             Any other keyword raises ``TypeError``.
 
     ``results["adapter"]`` names the adapter that served the last calculation (``None`` for the
-    base), ``results["adapter_distance"]`` the router's out-of-domain score when auto selection ran.
+    base), ``results["adapter_distance"]`` the router's out-of-domain score when auto selection
+    ran, and ``results["adapter_extrapolation"]`` the structure's extrapolation grade: how far
+    the most extreme gate input lies outside the range the adapter's training data spanned, in
+    units of that range's width (0 inside; ``None`` for the base or an adapter without recorded
+    ranges). It comes from the same forward pass, like the extrapolation grades of ACE
+    potentials: in-distribution frames stay well below 1, compressed or rattled ones reach
+    1 to 1e4. Active-learning loops can harvest the frames above the threshold.
     Results are recomputed whenever the atoms, the selection rule or the model (adapters
     loaded or deleted, E0 corrections set) change.
 
@@ -119,15 +131,29 @@ class MMEACalculator(Calculator):
         device: str | torch.device | None = None,
         default_dtype: str | None = None,
         on_unknown: str = "error",
+        on_extrapolation: str = "ignore",
+        extrapolation_threshold: float = 1.0,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(set(kwargs) - set(_ASE_KEYWORDS))
         if unknown:
             valid = ["base", "adapters", "select", "device", "default_dtype", "on_unknown"]
+            valid += ["on_extrapolation", "extrapolation_threshold"]
             raise TypeError(
                 f"MMEACalculator got unexpected keyword arguments {unknown}; valid: "
                 f"{valid + list(_ASE_KEYWORDS)}"
             )
+        if on_extrapolation not in _ON_EXTRAPOLATION:
+            raise ConfigError(
+                f"on_extrapolation={on_extrapolation!r} is not valid; use one of "
+                f"{list(_ON_EXTRAPOLATION)}"
+            )
+        if not extrapolation_threshold > 0:
+            raise ConfigError(
+                f"extrapolation_threshold must be > 0, got {extrapolation_threshold!r}"
+            )
+        self.on_extrapolation = on_extrapolation
+        self.extrapolation_threshold = float(extrapolation_threshold)
         Calculator.__init__(self, **kwargs)
         dtype = resolve_dtype(default_dtype)
         if isinstance(base, AdaptedModel):
@@ -223,11 +249,13 @@ class MMEACalculator(Calculator):
         }
         if stress:
             result["stress"] = _stress_per_cell_volume(out["stress"], data["cell"], atoms_list)
+        if out.get("adapter_extrapolation") is not None:
+            grade = out["adapter_extrapolation"].detach().cpu().to(torch.float64).numpy()
+            result["extrapolation"] = grade
         _check_finite(result, atoms_list, choices)
         return result
 
-    @staticmethod
-    def _results_of(raw: dict[str, np.ndarray], i: int, choice: Choice) -> dict[str, Any]:
+    def _results_of(self, raw: dict[str, np.ndarray], i: int, choice: Choice) -> dict[str, Any]:
         start, stop = raw["ptr"][i], raw["ptr"][i + 1]
         energy = float(raw["energy"][i])
         results: dict[str, Any] = {
@@ -237,10 +265,27 @@ class MMEACalculator(Calculator):
             "forces": raw["forces"][start:stop].copy(),
             "adapter": choice.name,
             "adapter_distance": choice.distance,
+            "adapter_extrapolation": self._extrapolation(raw, i, choice),
         }
         if "stress" in raw:
             results["stress"] = full_3x3_to_voigt_6_stress(raw["stress"][i])
         return results
+
+    def _extrapolation(self, raw: dict[str, np.ndarray], i: int, choice: Choice) -> float | None:
+        if choice.name is None or "extrapolation" not in raw:
+            return None
+        if not self.model.is_calibrated(choice.name):
+            return None
+        grade = float(raw["extrapolation"][i])
+        if grade > self.extrapolation_threshold and self.on_extrapolation != "ignore":
+            message = (
+                f"structure {i} lies outside adapter {choice.name!r}'s training range: "
+                f"extrapolation grade {grade:.3g} > threshold {self.extrapolation_threshold:g}"
+            )
+            if self.on_extrapolation == "error":
+                raise ExtrapolationError(message)
+            logger.warning("%s", message)
+        return grade
 
     @staticmethod
     def _stress_for(atoms: ase.Atoms, properties: Sequence[str], where: str = "") -> bool:

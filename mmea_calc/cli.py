@@ -55,6 +55,12 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--name", help="adapter name (default: the output folder's name)")
     p.add_argument("--method", default="mmea", choices=["mmea", "lora", "full"])
     p.add_argument("--rank", type=int, default=16, help="MMEA or LoRA rank")
+    p.add_argument(
+        "--logit-bound",
+        type=_bound,
+        default=10.0,
+        help="MMEA: soft bound c on gate logits, c*tanh(g/c) ('none': unbounded; default 10)",
+    )
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=5)
@@ -71,6 +77,26 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     p.add_argument("--overwrite", action="store_true", help="replace results in --out")
     p.set_defaults(func=_cmd_finetune)
+
+
+def _bound(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+
+def _add_calibrate(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate", help="record an adapter's gate ranges on its training data (older files)"
+    )
+    p.add_argument("adapter", help="adapter directory (rewritten in place, atomically)")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    p.add_argument("--data", required=True, help="the adapter's training structures")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.set_defaults(func=_cmd_calibrate)
 
 
 def _add_eval(sub: Any) -> None:
@@ -149,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_base(sub)
     _add_demo(sub)
     _add_export(sub)
+    _add_calibrate(sub)
     return parser
 
 
@@ -220,6 +247,7 @@ def _cmd_finetune(args: argparse.Namespace, stdout: TextIO) -> int:
     config = TrainConfig(
         method=args.method,
         rank=args.rank,
+        logit_bound=args.logit_bound,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -454,6 +482,23 @@ def _info_text(info: dict[str, Any]) -> str:
     if training.get("metrics"):
         lines.append(_metrics_table(training["metrics"]))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- calibrate
+def _cmd_calibrate(args: argparse.Namespace, stdout: TextIO) -> int:
+    from mmea_calc import AdaptedModel
+    from mmea_calc.errors import UncalibratedAdapterWarning
+    from mmea_calc.train import calibrate_adapter
+
+    model = AdaptedModel(args.base, dtype=args.dtype)
+    with warnings.catch_warnings():  # recording the ranges is the fix the warning asks for
+        warnings.simplefilter("ignore", UncalibratedAdapterWarning)
+        name = model.load_adapter(args.adapter)
+    ranges = calibrate_adapter(model, name, args.data)
+    model.save_adapter(name, args.adapter)
+    print(f"recorded gate ranges of {len(ranges)} linears of adapter {name!r} in {args.adapter}",
+          file=stdout)  # fmt: skip
+    return 0
 
 
 # ---------------------------------------------------------------------------- export

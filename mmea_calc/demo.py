@@ -51,7 +51,7 @@ class DemoSettings:
     prerelax_steps: int = 60
     relax_fmax: float = 0.05
     relax_steps: int = 500
-    rattle: float = 0.05
+    rattle: float = 0.1
     blowup_factor: float = 3.0
     reports: int = 4
 

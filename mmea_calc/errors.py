@@ -18,12 +18,14 @@ __all__ = [
     "DemoError",
     "EmbeddedAssetsMissingError",
     "ExportError",
+    "ExtrapolationError",
     "InvalidStructureError",
     "MmeaCalcError",
     "NoCandidateAdapterError",
     "NonFiniteResultError",
     "OutputExistsError",
     "TargetError",
+    "UncalibratedAdapterWarning",
     "UnsupportedElementError",
 ]
 
@@ -89,6 +91,11 @@ class OutputExistsError(MmeaCalcError, FileExistsError):
     """The output directory already holds results (pass ``overwrite`` or ``resume``)."""
 
 
+class ExtrapolationError(MmeaCalcError, RuntimeError):
+    """A structure lies further outside the adapter's training range than the calculator's
+    ``extrapolation_threshold`` allows (with ``on_extrapolation="error"``)."""
+
+
 class NonFiniteResultError(MmeaCalcError, FloatingPointError):
     """The model produced NaN/inf energies or forces (a structure far outside its domain)."""
 
@@ -104,3 +111,8 @@ class DemoError(MmeaCalcError, RuntimeError):
 class ExportError(MmeaCalcError, ValueError):
     """A model cannot be exported as asked (an AdaptedModel without a frozen adapter, an
     unknown adapter, dtype or head, an existing output file)."""
+
+
+class UncalibratedAdapterWarning(UserWarning):
+    """An adapter records no gate ranges (a file written before they existed): its gates do
+    not saturate outside the training data. ``mmea-calc calibrate`` records them."""

@@ -17,7 +17,8 @@ import fnmatch
 import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from mmea_calc._deps import e3nn_jit, o3
-from mmea_calc.adapter import PHI_CHOICES, FrozenMMEALinear, MMEALayer, Route
+from mmea_calc.adapter import PHI_CHOICES, RANGE_MARGIN, FrozenMMEALinear, MMEALayer, Route
 from mmea_calc.base import load_base
 from mmea_calc.errors import (
     AdapterExistsError,
@@ -34,6 +35,7 @@ from mmea_calc.errors import (
     BaseModelMismatchError,
     ConfigError,
     TargetError,
+    UncalibratedAdapterWarning,
 )
 from mmea_calc.identity import base_info
 from mmea_calc.io import read_adapter_dir, write_adapter_dir
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 #: Graph-dict key of the per-node adapter index (into ``AdaptedModel.adapter_names``; -1 = base).
 ADAPTER_INDEX_KEY = "mmea_adapter_index"
 BASE_NAMES = (None, "base")
+#: Calibrated ranges are widened by this fraction of their width (at least of 1.0) per side.
+CALIBRATION_SLACK = 1e-6
 
 
 @dataclass
@@ -118,6 +122,14 @@ def _layer_key(target: str) -> str:
 
 def _hook(layer: MMEALayer, route: Route, module: Any, args: tuple, output: Any) -> Any:
     return layer(args[0], output, route)
+
+
+def _per_graph_max(grades: list[torch.Tensor], data: Mapping[str, Any]) -> torch.Tensor:
+    """Each graph's largest node grade, ``[num_graphs]`` (0 where no node is outside)."""
+    node = torch.stack(grades).amax(dim=0)
+    num_graphs = int(data["ptr"].shape[0]) - 1
+    out = node.new_zeros(num_graphs)
+    return out.scatter_reduce(0, data["batch"], node, reduce="amax", include_self=True)
 
 
 def _e0_dict(e0s: Mapping[int, float] | None) -> dict[int, float] | None:
@@ -406,8 +418,104 @@ class AdaptedModel(torch.nn.Module):
             "e0s": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
             "environment": meta.get("environment"),
             "training": meta.get("training"),
+            **self._ranges_document(name),
         }
         return write_adapter_dir(directory, document, self.adapter_state_dict(name))
+
+    def _gates(self, name: str) -> dict[str, Any]:
+        """``{target: MMEAGate}`` of one adapter."""
+        return {t: self.layer(t).gates[name] for t in self._record(name).targets}
+
+    def is_calibrated(self, name: str) -> bool:
+        """Whether adapter ``name`` holds its gate ranges (see :meth:`calibrate_adapter`)."""
+        return all(g.calibrated for g in self._gates(name).values())
+
+    def _ranges_document(self, name: str) -> dict[str, Any]:
+        gates = self._gates(name)
+        if not self.is_calibrated(name):
+            return {"gate_ranges": None}
+        return {
+            "gate_ranges": {
+                t: {"low": g.range_low.tolist(), "high": g.range_high.tolist()}
+                for t, g in gates.items()
+            },
+            "gate_range_margin": self._records[name].metadata.get("range_margin", RANGE_MARGIN),
+        }
+
+    def set_gate_ranges(
+        self,
+        name: str,
+        ranges: Mapping[str, Mapping[str, Sequence[float]]] | None,
+        margin: float = RANGE_MARGIN,
+    ) -> None:
+        """Set (``None``: clear) the recorded bottleneck ranges of adapter ``name``'s gates,
+        ``{target: {"low": [...], "high": [...]}}`` (see :meth:`calibrate_adapter`)."""
+        gates = self._gates(name)
+        if ranges is not None and set(ranges) != set(gates):
+            raise ConfigError(
+                f"gate ranges name targets {sorted(ranges)}, adapter {name!r} has {sorted(gates)}"
+            )
+        for target, gate in gates.items():
+            if ranges is None:
+                gate.set_range(None, None)
+            else:
+                gate.set_range(
+                    torch.tensor(ranges[target]["low"]),
+                    torch.tensor(ranges[target]["high"]),
+                    margin,
+                )
+        self._records[name].metadata["range_margin"] = margin
+        self._changed()
+
+    def calibrate_adapter(
+        self, name: str, batches: Iterable[dict[str, torch.Tensor]], margin: float = RANGE_MARGIN
+    ) -> dict[str, dict[str, list[float]]]:
+        """Record what adapter ``name``'s bottlenecks spanned on ``batches`` (its training data).
+
+        Every node of every batch (graph dicts, as MACE takes them) is served by this adapter;
+        per gate and bottleneck channel the minimum and maximum pre-activation are kept. From
+        then on the gates saturate smoothly outside those ranges (inside, nothing changes), and
+        forward calls report how far a structure lies outside them (``adapter_extrapolation``).
+
+        Returns:
+            The ranges, ``{target: {"low": [...], "high": [...]}}`` (also set on the gates).
+        """
+        gates = self._gates(name)
+        self.set_gate_ranges(name, None)  # measure the raw pre-activations
+        low: dict[str, torch.Tensor] = {}
+        high: dict[str, torch.Tensor] = {}
+
+        def seen(target: str, module: Any, args: tuple, z: torch.Tensor) -> None:
+            z = z.detach()
+            if z.shape[0] == 0:
+                return
+            lo, hi = z.amin(dim=0), z.amax(dim=0)
+            low[target] = torch.minimum(low[target], lo) if target in low else lo
+            high[target] = torch.maximum(high[target], hi) if target in high else hi
+
+        handles = [
+            g.down.register_forward_hook(functools.partial(seen, t)) for t, g in gates.items()
+        ]
+        index = self.adapter_names.index(name)
+        try:
+            for batch in batches:
+                batch = dict(batch)
+                batch[ADAPTER_INDEX_KEY] = torch.full_like(batch["batch"], index)
+                self(batch, training=False, compute_force=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if set(low) != set(gates):
+            raise ConfigError(f"cannot calibrate adapter {name!r}: the data holds no atoms")
+        # float slack: the same structure alone (another summation order in mace's message
+        # passing) must not land a rounding error outside the range it was calibrated on
+        slack = {t: CALIBRATION_SLACK * (high[t] - low[t]).clamp_min(1.0) for t in gates}
+        ranges = {
+            t: {"low": (low[t] - slack[t]).tolist(), "high": (high[t] + slack[t]).tolist()}
+            for t in gates
+        }
+        self.set_gate_ranges(name, ranges, margin)
+        return ranges
 
     def load_adapter(
         self,
@@ -446,11 +554,28 @@ class AdaptedModel(torch.nn.Module):
         self.add_adapter(
             name, config, e0s=e0s, metadata=meta, set_active=False, is_trainable=is_trainable
         )
+        config.targets = cfg.get("target_patterns", targets)  # as written (targets resolved)
         try:
             self._copy_tensors(name, tensors, where)
         except AdapterFormatError:
             self.delete_adapter(name)
             raise
+        if cfg.get("gate_ranges"):
+            try:
+                margin = float(cfg.get("gate_range_margin", RANGE_MARGIN))
+                self.set_gate_ranges(name, cfg["gate_ranges"], margin)
+            except (ConfigError, KeyError, TypeError, ValueError) as exc:
+                self.delete_adapter(name)
+                raise AdapterFormatError(f"adapter {where}: bad gate_ranges: {exc}") from exc
+        else:
+            warnings.warn(
+                f"adapter {where} records no gate ranges (written before mmea_calc 0.2): its "
+                "gates do not saturate outside the training data and no extrapolation grade is "
+                "reported; record them with `mmea-calc calibrate "
+                f"{directory} --base BASE --data TRAIN.xyz`",
+                UncalibratedAdapterWarning,
+                stacklevel=2,
+            )
         if set_active:
             self.set_adapter(name)
         return name
@@ -552,6 +677,13 @@ class AdaptedModel(torch.nn.Module):
         if route is None:
             return self.base_model(data, **kwargs)
         targets = {t for name, _ in route.slots for t in self._records[name].targets}
+        calibrated = (
+            self.layer(t).gates[n].calibrated
+            for n, _ in route.slots
+            for t in self._records[n].targets
+        )
+        if any(calibrated):  # collect how far the nodes lie outside the gates' ranges
+            route = Route(route.num_nodes, route.slots, extrapolation=[])
         handles = []
         try:
             for target in targets:
@@ -562,6 +694,9 @@ class AdaptedModel(torch.nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        if route.extrapolation:
+            out = dict(out)
+            out["adapter_extrapolation"] = _per_graph_max(route.extrapolation, data)
         shift = self._e0_shift(data, route)
         if shift is not None:
             out = dict(out)

@@ -243,6 +243,7 @@ def write_demo_assets(
     from mmea_calc.build import water_box
     from mmea_calc.model import AdaptedModel, MMEAConfig
     from mmea_calc.selection import describe_environment
+    from mmea_calc.train import calibrate_adapter as calibrate
 
     root = Path(root)
     base = build_tiny_mace("8x0e+8x1o", atomic_numbers=(1, 6, 7, 8), pair_repulsion=True)
@@ -259,6 +260,7 @@ def write_demo_assets(
         model.add_adapter(env, MMEAConfig(rank=4), set_active=False)
         randomize_adapter(model, env, std=0.1, seed=seed + index + 1)
         environment = describe_environment(model, frames[:n_frames])
+        calibrate(model, env, frames[:n_frames])
         model.save_adapter(env, root / "adapters" / env, environment=environment)
         (root / "data").mkdir(parents=True, exist_ok=True)
         test = _labelled_frames(model, env, frames[n_frames:])

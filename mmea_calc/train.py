@@ -23,12 +23,13 @@ import io
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ase
+import ase.io
 import numpy as np
 import torch
 
@@ -37,6 +38,8 @@ from mmea_calc._deps import lora
 from mmea_calc.base import base_info, load_base, resolve_dtype
 from mmea_calc.data import (
     DataKeys,
+    atoms_to_graph,
+    collate,
     data_hash,
     fit_e0_correction,
     has_stress,
@@ -46,7 +49,7 @@ from mmea_calc.data import (
     reference_values,
     split_structures,
 )
-from mmea_calc.errors import ConfigError, OutputExistsError
+from mmea_calc.errors import ConfigError, DataError, OutputExistsError
 from mmea_calc.files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -65,6 +68,7 @@ __all__ = [
     "FitResult",
     "OutputExistsError",
     "TrainConfig",
+    "calibrate_adapter",
     "error_metrics",
     "fit_adapter",
     "predict",
@@ -90,7 +94,8 @@ class TrainConfig:
         method: ``"mmea"`` (an adapter), ``"lora"`` (mace-torch's equivariant LoRA) or
             ``"full"`` (every weight of the model).
         rank: MMEA bottleneck rank, or LoRA rank.
-        phi, targets: MMEA gate map and target patterns (see :class:`~mmea_calc.MMEAConfig`).
+        phi, targets, logit_bound: MMEA gate map, target patterns and soft bound on gate logits
+            (see :class:`~mmea_calc.MMEAConfig`).
         lora_alpha: LoRA scaling numerator (``scaling = alpha / rank``), as in mace-torch.
         epochs, lr, batch_size: the schedule (Adam with amsgrad by default).
         energy_weight, forces_weight, stress_weight: loss weights of the MSE of energy per atom
@@ -118,6 +123,7 @@ class TrainConfig:
     rank: int = 16
     phi: str = "exp"
     targets: list[str] | None = None
+    logit_bound: float | None = 10.0
     lora_alpha: float = 1.0
     epochs: int = 200
     lr: float = 5e-3
@@ -251,6 +257,10 @@ class _MMEASubject(_Subject):
     def result_model(self) -> torch.nn.Module:
         return self.module
 
+    def calibrate(self, graphs: Sequence[Any], batch_size: int) -> None:
+        """Record the gates' ranges on the training graphs (nothing changes on them)."""
+        self.module.calibrate_adapter(self.name, _batches(self.module, graphs, batch_size))
+
 
 class _WholeModelSubject(_Subject):
     """``lora`` (mace-torch's LoRA wrappers) or ``full`` (every parameter of a copy)."""
@@ -296,7 +306,12 @@ def _make_subject(
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(config.seed)
         if config.method == "mmea":
-            mmea = MMEAConfig(rank=config.rank, phi=config.phi, targets=config.targets)
+            mmea = MMEAConfig(
+                rank=config.rank,
+                phi=config.phi,
+                targets=config.targets,
+                logit_bound=config.logit_bound,
+            )
             model.add_adapter(name, mmea)
             subject: _Subject = _MMEASubject(model, name)
         else:
@@ -479,6 +494,8 @@ def _finish(loop: _trainer.Loop, name: str, status: str) -> FitResult:
     """Restore the best weights, measure them, write outputs; the :class:`FitResult`."""
     run, subject = loop.run, loop.subject
     loop.restore_best()
+    if isinstance(subject, _MMEASubject):
+        subject.calibrate(run.train_graphs, run.config.eval_batch_size)
     e0s = subject.e0s
     metrics = {
         "train": loop.evaluate(run.train_graphs, run.train_atoms),
@@ -529,6 +546,48 @@ def _finish(loop: _trainer.Loop, name: str, status: str) -> FitResult:
         out_dir=loop.out,
         summary=summary,
     )
+
+
+def _batches(model: AdaptedModel, graphs: Sequence[Any], batch_size: int) -> Iterator[dict]:
+    for start in range(0, len(graphs), batch_size):
+        yield collate(graphs[start : start + batch_size], dtype=model.dtype, device=model.device)
+
+
+def calibrate_adapter(
+    model: AdaptedModel,
+    name: str,
+    structures: str | os.PathLike | Sequence[ase.Atoms],
+    *,
+    batch_size: int = 16,
+) -> dict[str, dict[str, list[float]]]:
+    """Record adapter ``name``'s gate ranges on ``structures`` (its training data: a file or a
+    list; no labels needed). See :meth:`~mmea_calc.AdaptedModel.calibrate_adapter`.
+
+    ``fit_adapter`` does this on the training set at the end of every MMEA fit; this function
+    is for adapters written before gate ranges existed (``mmea-calc calibrate``).
+
+    Example:
+        >>> from mmea_calc import MMEAConfig
+        >>> from mmea_calc.testing import build_tiny_mace, random_cluster
+        >>> model = AdaptedModel(build_tiny_mace())
+        >>> model.add_adapter("a", MMEAConfig(rank=2))
+        >>> ranges = calibrate_adapter(model, "a", [random_cluster(6, seed=s) for s in range(3)])
+        >>> sorted(ranges)[0], len(ranges["interactions.0.linear"]["low"])
+        ('interactions.0.linear', 2)
+    """
+    if isinstance(structures, str | os.PathLike):
+        path = Path(structures)
+        if not path.is_file():
+            raise DataError(f"data file {str(path)!r} does not exist")
+        try:
+            structures = ase.io.read(path, index=":")
+        except Exception as exc:  # ASE raises many types for unreadable files
+            raise DataError(f"could not read {str(path)!r} with ASE: {exc}") from exc
+    info = model.base_info
+    graphs = [atoms_to_graph(atoms, info) for atoms in structures]
+    if not graphs:
+        raise DataError("calibration needs at least one structure (the adapter's training data)")
+    return model.calibrate_adapter(name, _batches(model, graphs, batch_size))
 
 
 def _json_safe(obj: Any) -> Any:

@@ -5,7 +5,7 @@ import torch
 
 from mmea_calc._deps import o3
 from mmea_calc.adapter import MMEAGate, MMEALayer, Route, gate_layout
-from mmea_calc.errors import TargetError
+from mmea_calc.errors import ConfigError, TargetError
 
 
 def test_layout_selects_scalars_by_irrep_not_position():
@@ -104,3 +104,46 @@ def test_logit_bound_keeps_gates_finite_and_near_exp_for_small_logits():
     assert torch.allclose(bounded(small)[0], plain(small)[0], rtol=1e-3)
     with pytest.raises(ValueError, match="logit_bound"):
         MMEAGate(2, 2, 1, 1, logit_bound=0.0)
+
+
+def test_saturation_is_identity_inside_smooth_at_the_edges_and_bounded_outside():
+    from mmea_calc.adapter import saturate
+
+    low, high = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
+    width = 0.1 * (high - low)
+    z = torch.linspace(-50.0, 50.0, 20001, dtype=torch.float64).unsqueeze(1).requires_grad_(True)
+    y = saturate(z, low, high, width)
+    inside = (z > low) & (z < high)
+    assert torch.equal(y[inside], z[inside])
+    assert y.min() >= low - width and y.max() <= high + width
+    (slope,) = torch.autograd.grad(y.sum(), z, create_graph=True)
+    (curvature,) = torch.autograd.grad(slope.sum(), z)
+    # continuous slope and curvature: neighbours never jump (a hard clamp jumps 1 -> 0)
+    assert slope.diff(dim=0).abs().max() < 0.05
+    assert curvature.diff(dim=0).abs().max() < 0.2
+    assert slope[-1].item() < 1e-12 and slope[0].item() < 1e-12  # saturated far outside
+
+
+def test_gate_range_saturates_and_grades_only_outside():
+    gate = MMEAGate(3, 2, num_gates=4, num_shifts=2, logit_bound=None, dtype=torch.float64)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+    x = torch.randn(50, 3, dtype=torch.float64)
+    z = gate.bottleneck(x)
+    before = gate(x)
+    gate.set_range(z.amin(0), z.amax(0))
+    after = gate(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # inside: same
+    assert torch.equal(gate.extrapolation(z), torch.zeros(50, dtype=torch.float64))
+    far = 100 * x
+    grade = gate.extrapolation(gate.bottleneck(far))
+    assert grade.max() > 10
+    scale_far, shift_far = gate(100 * far)
+    assert torch.isfinite(scale_far).all()
+    # saturated: ten times further out changes nothing any more (unbounded it would be exp(10x))
+    scale_farther, shift_farther = gate(1000 * far)
+    assert torch.allclose(scale_farther, scale_far, rtol=1e-6)
+    assert torch.allclose(shift_farther, shift_far, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ConfigError, match="low <= high"):
+        gate.set_range(torch.ones(2), torch.zeros(2))

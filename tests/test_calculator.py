@@ -19,8 +19,10 @@ from mmea_calc.calculator import MMEACalculator
 from mmea_calc.errors import (
     AdapterNotFoundError,
     BaseModelMismatchError,
+    ConfigError,
     InvalidStructureError,
     NoCandidateAdapterError,
+    NonFiniteResultError,
     UnsupportedElementError,
 )
 from mmea_calc.selection import describe_environment
@@ -398,3 +400,86 @@ def test_on_unknown_base_runs_the_base_through_calculate(caplog):
     bare = MMEACalculator(model, select=None)
     bare.calculate(atoms, ["energy"])
     assert energy == bare.results["energy"]
+
+
+# ---------------------------------------------------------------- robust gates
+def _robust_model():
+    from mmea_calc.train import calibrate_adapter
+
+    model = adapted(("a",))
+    randomize_adapter(model, "a", std=0.3, seed=4)
+    calibrate_adapter(model, "a", [box(seed=s) for s in range(3)])
+    return model
+
+
+def test_forces_stay_exact_gradients_beyond_the_training_range():
+    model = _robust_model()
+    atoms = box(seed=1)
+    atoms.set_cell(atoms.cell * 0.8, scale_atoms=True)  # compressed: gates fade and saturate
+    atoms.calc = MMEACalculator(model, select="a")
+    forces = atoms.get_forces()
+    assert atoms.calc.results["adapter_extrapolation"] > 0.3  # really outside the range
+    np.testing.assert_allclose(forces, calculate_numerical_forces(atoms, eps=1e-4), atol=1e-6)
+    np.testing.assert_allclose(
+        atoms.get_stress(), calculate_numerical_stress(atoms, eps=1e-5), atol=1e-7
+    )
+
+
+def test_extrapolation_grade_separates_known_from_compressed_structures(caplog):
+    from mmea_calc.errors import ExtrapolationError
+
+    model = _robust_model()
+    known, squeezed = box(seed=0), box(seed=0)
+    squeezed.set_cell(squeezed.cell * 0.6, scale_atoms=True)
+    calc = MMEACalculator(model, select="a", on_extrapolation="warn")
+    calc.calculate(known, ["energy"])
+    assert calc.results["adapter_extrapolation"] < 1e-6
+    with caplog.at_level(logging.WARNING):
+        calc.calculate(squeezed, ["energy"])
+    assert calc.results["adapter_extrapolation"] > calc.extrapolation_threshold
+    assert "extrapolation grade" in caplog.text
+    strict = MMEACalculator(model, select="a", on_extrapolation="error")
+    with pytest.raises(ExtrapolationError, match="threshold 1"):
+        strict.calculate(squeezed, ["energy"])
+    batch = strict.calculate_batch([known], properties=("energy",))
+    assert batch[0]["adapter_extrapolation"] < 1e-6
+    base = MMEACalculator(model, select=None)
+    base.calculate(squeezed, ["energy"])
+    assert base.results["adapter_extrapolation"] is None
+    with pytest.raises(ConfigError, match="on_extrapolation='sometimes'"):
+        MMEACalculator(model, on_extrapolation="sometimes")
+
+
+def test_compressed_structures_do_not_blow_up_once_the_ranges_are_known():
+    from mmea_calc.train import calibrate_adapter
+
+    model = adapted(("a",))
+    model.add_adapter("wild", MMEAConfig(rank=4, logit_bound=None), set_active=False)
+    randomize_adapter(model, "wild", std=0.4, seed=4)  # random gates: wild even in range
+    structures = []
+    for factor in (1.0, 0.8, 0.6, 0.45):  # the first is the calibration data's density
+        atoms = box(seed=2)
+        atoms.set_cell(atoms.cell * factor, scale_atoms=True)
+        structures.append(atoms)
+    bare = MMEACalculator(model, select=None)
+    wild = MMEACalculator(model, select="wild")
+
+    def force_ratios():
+        out = []
+        for atoms in structures:
+            bare.calculate(atoms, ["energy", "forces"])
+            try:
+                wild.calculate(atoms, ["energy", "forces"])
+            except NonFiniteResultError:
+                out.append(np.inf)
+                continue
+            out.append(np.abs(wild.results["forces"]).max() / np.abs(bare.results["forces"]).max())
+        return np.array(out)
+
+    before = force_ratios()
+    calibrate_adapter(model, "wild", [box(seed=s) for s in range(3)])
+    after = force_ratios()
+    assert after[0] == pytest.approx(before[0], rel=1e-9)  # in range: the same adapter
+    assert not np.isfinite(before).all() or before.max() > 1e3  # unbounded gates explode
+    # calibrated: compressed structures stay within what the adapter does in its own range
+    assert np.isfinite(after).all() and after[1:].max() <= 1.5 * after[0], after

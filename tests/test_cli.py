@@ -229,3 +229,25 @@ def test_verbose_shows_the_traceback_of_a_library_error(files, tmp_path, capsys)
     assert err.strip().splitlines()[-1].startswith("mmea-calc: error:")
     assert main(argv) == 2
     assert "Traceback" not in capsys.readouterr().err  # without -v: one line
+
+
+def test_calibrate_records_the_ranges_of_an_older_adapter(files, tmp_path, capsys):
+    import warnings
+
+    from mmea_calc import AdaptedModel, MMEAConfig
+    from mmea_calc.errors import UncalibratedAdapterWarning
+
+    model = AdaptedModel(torch.load(files["base"], weights_only=False))
+    model.add_adapter("old", MMEAConfig(rank=2))
+    model.save_adapter("old", tmp_path / "old")  # never calibrated: like a file from 0.1
+    argv = ["calibrate", str(tmp_path / "old"), "--base", files["base"], "--data", files["train"]]
+    assert main(argv) == 0
+    assert "recorded gate ranges" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncalibratedAdapterWarning)  # no warning any more
+        loaded = AdaptedModel(torch.load(files["base"], weights_only=False))
+        loaded.load_adapter(tmp_path / "old")
+    assert loaded.is_calibrated("old")
+    assert main(["calibrate", str(tmp_path / "old"), "--base", files["base"],
+                 "--data", str(tmp_path / "none.xyz")]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err

@@ -410,3 +410,21 @@ def test_benchmark_runs_on_a_tiny_stand_in_and_skips_without_assets(tmp_path, mo
     assert row["atoms"] == 12 and row["adapted_ms"] > 0 and row["base_ms"] > 0
     assert row["energy_abs_diff_eV"] < 1e-8 and row["forces_max_abs_diff_eV_per_A"] < 1e-8
     assert results["command"] == "python benchmarks/export_speed.py " + " ".join(args)
+
+
+def test_calibrated_gates_are_exported_with_their_ranges(tmp_path):
+    from mmea_calc.train import calibrate_adapter
+
+    model = adapted()
+    randomize_adapter(model, "a", std=0.3, seed=7)
+    calibrate_adapter(model, "a", [periodic(seed=s) for s in range(3)])
+    squeezed = periodic(seed=9)
+    squeezed.set_cell(squeezed.cell * 0.7, scale_atoms=True)  # outside: gates fade, saturate
+    model.set_adapter("a")
+    want = evaluate(model, [squeezed], compute_stress=True)
+    assert want["adapter_extrapolation"].item() > 0.1
+    got = evaluate(model.freeze("a"), [squeezed], compute_stress=True)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-10)
+    model.set_gate_ranges("a", None)  # without the ranges the answer differs: the test can fail
+    assert (evaluate(model, [squeezed])["forces"] - want["forces"]).abs().max() > 1e-4

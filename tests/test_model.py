@@ -336,3 +336,58 @@ def test_float64_adapter_loads_into_a_float32_model(tmp_path):
     scale = ref["forces"].abs().max().item()
     assert (got["forces"].double() - ref["forces"]).abs().max().item() <= 2e-4 * scale
     assert got["energy"].double().item() == pytest.approx(ref["energy"].item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- gate ranges (robust gates)
+def _calibrated(seed=0):
+    from mmea_calc.train import calibrate_adapter
+
+    model = AdaptedModel(build_tiny_mace())
+    model.add_adapter("a", MMEAConfig(rank=4))
+    randomize_adapter(model, "a", std=0.3, seed=seed)
+    train = [random_cluster(8, seed=s, min_distance=1.2) for s in range(4)]
+    calibrate_adapter(model, "a", train)
+    return model, train
+
+
+def test_calibration_changes_nothing_on_its_data_and_grades_it_zero():
+    model, train = _calibrated()
+    assert model.is_calibrated("a")
+    outs = [evaluate(model, [atoms]) for atoms in train]
+    # zero up to rounding: calibration ran batched, mace sums messages in another order alone
+    assert max(out["adapter_extrapolation"].item() for out in outs) < 1e-6
+    ranges = model._ranges_document("a")["gate_ranges"]
+    model.set_gate_ranges("a", None)
+    for atoms, out in zip(train, outs, strict=True):
+        raw = evaluate(model, [atoms])
+        assert "adapter_extrapolation" not in raw
+        assert torch.allclose(raw["forces"], out["forces"], rtol=0, atol=1e-12)
+    model.set_gate_ranges("a", ranges)
+    squeezed = train[0].copy()
+    squeezed.positions *= 0.55  # compressed: far outside what calibration saw
+    assert evaluate(model, [squeezed])["adapter_extrapolation"].item() > 1.0
+
+
+def test_gate_ranges_round_trip_and_old_files_warn(tmp_path):
+    import json
+
+    from mmea_calc.errors import UncalibratedAdapterWarning
+
+    model, train = _calibrated()
+    model.save_adapter("a", tmp_path / "a")
+    loaded = AdaptedModel(build_tiny_mace())
+    loaded.load_adapter(tmp_path / "a")
+    squeezed = train[1].copy()
+    squeezed.positions *= 0.6
+    for atoms in (train[0], squeezed):
+        ref, got = evaluate(model, [atoms]), evaluate(loaded, [atoms])
+        assert torch.allclose(got["forces"], ref["forces"], atol=1e-12)
+        assert got["adapter_extrapolation"].item() == pytest.approx(
+            ref["adapter_extrapolation"].item(), rel=1e-9
+        )
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("gate_ranges")
+    config_path.write_text(json.dumps(config))
+    with pytest.warns(UncalibratedAdapterWarning, match="mmea-calc calibrate"):
+        AdaptedModel(build_tiny_mace()).load_adapter(tmp_path / "a")
