@@ -111,7 +111,7 @@ def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path, monkeypatch)
 
 
 def test_benchmarks_skip_with_a_message_without_shared_assets(tmp_path, monkeypatch, capsys):
-    for name in ("accuracy", "speed"):
+    for name in ("accuracy", "speed", "robustness"):
         module = _load(name)
         monkeypatch.setattr(module, "MODEL", tmp_path / "absent.model")
         assert module.main(["--out", str(tmp_path / f"{name}.json")]) == 0
@@ -173,3 +173,42 @@ def test_speed_replot_draws_from_results(tmp_path):
     png = tmp_path / "speed.png"
     assert speed.main(["--out", str(path), "--replot", "--plot", str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_robustness_trains_rattles_and_runs_md_on_a_toy(toy_rmd17, tmp_path, monkeypatch):
+    robustness = _load("robustness")
+    monkeypatch.setattr(robustness, "MODEL", toy_rmd17.MODEL)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rmd17").symlink_to(tmp_path / "rmd17")
+    monkeypatch.setattr(robustness, "SHARED", tmp_path)
+    out = tmp_path / "robustness.json"
+    argv = ["--datasets", "toy", "--epochs", "1", "--jobs", "1", "--structures", "2"]
+    argv += ["--test-frames", "2", "--md-steps", "4", "--work", str(tmp_path / "work")]
+    assert robustness.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    toy = result["datasets"]["toy"]
+    assert set(toy["test"]["test"]) == set(robustness.MODELS)
+    for label in ("mmea", "mmea-old", "lora", "full"):
+        rows = toy["rattle"][label]
+        assert set(rows) == {str(s) for s in robustness.SIGMAS}
+        assert all(0 <= row["blowups"] <= row["structures"] == 2 for row in rows.values())
+    assert toy["md"]["mmea"]["1500K"]["steps"] == 4 and toy["md"]["full"]["500K"]["finite"]
+    assert (tmp_path / "work" / "toy" / "mmea" / "adapter_config.json").is_file()
+    # a re-run reuses the trained models
+    trained = (tmp_path / "work" / "toy" / "full" / "training.json").stat().st_mtime
+    assert robustness.main([*argv, "--out", str(out)]) == 0
+    assert (tmp_path / "work" / "toy" / "full" / "training.json").stat().st_mtime == trained
+
+
+def test_robustness_of_the_shipped_adapters_runs_on_stand_ins(demo_assets, tmp_path, monkeypatch):
+    import mmea_calc.base_format as base_format
+
+    robustness = _load("robustness")
+    monkeypatch.setattr(base_format, "EMBEDDED_DIR", Path(demo_assets))
+    out = tmp_path / "embedded.json"
+    assert robustness.main(["--embedded", "--structures", "2", "--out", str(out)]) == 0
+    adapters = json.loads(out.read_text())["adapters"]
+    assert set(adapters) == {"water", "ethanol"}
+    for result in adapters.values():
+        assert set(result["rattle"]) == {"mmea", "mmea-old"}
+        assert result["test"]["mmea"]["forces_mae_meV_per_A"] < 1e-3  # labelled by the adapter
