@@ -481,6 +481,7 @@ class AdaptedModel(torch.nn.Module):
             The ranges, ``{target: {"low": [...], "high": [...]}}`` (also set on the gates).
         """
         gates = self._gates(name)
+        previous = self._ranges_document(name)
         self.set_gate_ranges(name, None)  # measure the raw pre-activations
         low: dict[str, torch.Tensor] = {}
         high: dict[str, torch.Tensor] = {}
@@ -502,11 +503,15 @@ class AdaptedModel(torch.nn.Module):
                 batch = dict(batch)
                 batch[ADAPTER_INDEX_KEY] = torch.full_like(batch["batch"], index)
                 self(batch, training=False, compute_force=False)
+            if set(low) != set(gates):
+                raise ConfigError(f"cannot calibrate adapter {name!r}: the data holds no atoms")
+        except BaseException:  # a failed calibration leaves the adapter as it was
+            margin_before = previous.get("gate_range_margin", RANGE_MARGIN)
+            self.set_gate_ranges(name, previous["gate_ranges"], margin_before)
+            raise
         finally:
             for handle in handles:
                 handle.remove()
-        if set(low) != set(gates):
-            raise ConfigError(f"cannot calibrate adapter {name!r}: the data holds no atoms")
         # float slack: the same structure alone (another summation order in mace's message
         # passing) must not land a rounding error outside the range it was calibrated on
         slack = {t: CALIBRATION_SLACK * (high[t] - low[t]).clamp_min(1.0) for t in gates}

@@ -391,3 +391,13 @@ def test_gate_ranges_round_trip_and_old_files_warn(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.warns(UncalibratedAdapterWarning, match="mmea-calc calibrate"):
         AdaptedModel(build_tiny_mace()).load_adapter(tmp_path / "a")
+
+
+def test_a_failed_calibration_leaves_the_ranges_as_they_were():
+    from mmea_calc.errors import ConfigError
+
+    model, train = _calibrated()
+    before = model._ranges_document("a")
+    with pytest.raises(ConfigError, match="no atoms"):
+        model.calibrate_adapter("a", [])
+    assert model._ranges_document("a") == before and model.is_calibrated("a")
