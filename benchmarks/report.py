@@ -5,6 +5,8 @@ traced to ``benchmarks/results/*.json``::
 
     python benchmarks/report.py accuracy   # per-dataset table + goal check
     python benchmarks/report.py speed
+    python benchmarks/report.py robustness            # results/robustness.json
+    python benchmarks/report.py robustness --results benchmarks/results/robustness_embedded.json
 """
 
 from __future__ import annotations
@@ -164,9 +166,64 @@ def speed_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _rattle_cells(rows: dict) -> list[str]:
+    cells = []
+    for sigma in sorted(rows, key=float):
+        row = rows[sigma]
+        ratio = "" if row["max_ratio"] is None else f" ({row['max_ratio']:.3g})"
+        cells.append(f"{row['blowups']}/{row['structures']}{ratio}")
+    return cells
+
+
+def _rattle_table(title: str, test_mae: dict, rattle: dict) -> list[str]:
+    sigmas = sorted(next(iter(rattle.values())), key=float)
+    lines = [
+        f"**{title}** — blow-ups (non-finite, or max |F| > 10× the base's) per rattle amplitude, "
+        "max |F| ratio to the base in brackets",
+        "",
+        "| model | test F MAE (meV/Å) | " + " | ".join(f"σ = {s} Å" for s in sigmas) + " |",
+        "|---|---|" + "---|" * len(sigmas),
+    ]
+    lines.append(
+        f"| base | {test_mae['base']['forces_mae_meV_per_A']:.1f} |" + " – |" * len(sigmas)
+    )
+    for label, rows in rattle.items():
+        mae = test_mae[label]["forces_mae_meV_per_A"]
+        lines.append(f"| {label} | {mae:.1f} | " + " | ".join(_rattle_cells(rows)) + " |")
+    return lines
+
+
+def robustness_tables(results: dict) -> str:
+    """Rattle sweep, test errors and hot MD per dataset (or per shipped adapter)."""
+    lines = [f"Command: `{results.get('command') or results['setup']['command']}`", ""]
+    if "adapters" in results:  # --embedded
+        for name, result in results["adapters"].items():
+            lines += _rattle_table(f"shipped `{name}` adapter", result["test"], result["rattle"])
+            lines.append("")
+        return "\n".join(lines).rstrip()
+    for dataset, result in results["datasets"].items():
+        tests = result["test"]
+        first = next(iter(tests))
+        lines += _rattle_table(f"{dataset} ({first})", tests[first], result["rattle"])
+        for name, maes in list(tests.items())[1:]:
+            cells = ", ".join(f"{k} {v['forces_mae_meV_per_A']:.1f}" for k, v in maes.items())
+            lines.append(f"\n{name} force MAE (meV/Å): {cells}")
+        lines += ["", "| MD, 1 ps Langevin | " + " | ".join(result["md"]) + " |",
+                  "|---|" + "---|" * len(result["md"])]  # fmt: skip
+        for temperature in next(iter(result["md"].values())):
+            cells = []
+            for md in result["md"].values():
+                run = md[temperature]
+                status = "finite" if run["finite"] else f"**NaN at step {run['steps']}**"
+                cells.append(f"{status}, max \\|F\\| {run['max_force']:.1f} eV/Å")
+            lines.append(f"| {temperature} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=("accuracy", "speed"))
+    parser.add_argument("which", choices=("accuracy", "speed", "robustness"))
     parser.add_argument("--results", default=None, help="JSON file (default: results/<which>.json)")
     args = parser.parse_args(argv)
     path = Path(args.results or RESULTS / f"{args.which}.json")
@@ -174,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results at {path}: run benchmarks/{args.which}.py first", file=sys.stderr)
         return 2
     results = json.loads(path.read_text())
-    print(accuracy_tables(results) if args.which == "accuracy" else speed_tables(results))
+    tables = {"accuracy": accuracy_tables, "speed": speed_tables, "robustness": robustness_tables}
+    print(tables[args.which](results))
     return 0
 
 

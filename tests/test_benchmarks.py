@@ -193,6 +193,8 @@ def test_robustness_trains_rattles_and_runs_md_on_a_toy(toy_rmd17, tmp_path, mon
         assert set(rows) == {str(s) for s in robustness.SIGMAS}
         assert all(0 <= row["blowups"] <= row["structures"] == 2 for row in rows.values())
     assert toy["md"]["mmea"]["1500K"]["steps"] == 4 and toy["md"]["full"]["500K"]["finite"]
+    table = _load("report").robustness_tables(result)
+    assert "| mmea-old |" in table and "| 1500K |" in table
     assert (tmp_path / "work" / "toy" / "mmea" / "adapter_config.json").is_file()
     # a re-run reuses the trained models
     trained = (tmp_path / "work" / "toy" / "full" / "training.json").stat().st_mtime
