@@ -396,7 +396,7 @@ def test_gate_ranges_round_trip_and_old_files_warn(tmp_path):
 def test_a_failed_calibration_leaves_the_ranges_as_they_were():
     from mmea_calc.errors import ConfigError
 
-    model, train = _calibrated()
+    model, _ = _calibrated()
     before = model._ranges_document("a")
     with pytest.raises(ConfigError, match="no atoms"):
         model.calibrate_adapter("a", [])
