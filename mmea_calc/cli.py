@@ -468,7 +468,8 @@ def _cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
 
 def _info_text(info: dict[str, Any]) -> str:
     lines = []
-    for key in ("path", "kind", "method", "name", "rank", "trainable_parameters", "fingerprint"):
+    keys = ("path", "kind", "method", "name", "rank", "logit_bound", "calibrated")
+    for key in (*keys, "trainable_parameters", "fingerprint"):
         if info.get(key) is not None:
             lines.append(f"{key:22s}{info[key]}")
     lines.append(f"{'elements':22s}{' '.join(info.get('elements') or [])}")

@@ -61,6 +61,8 @@ def _describe_adapter(directory: Path) -> dict[str, Any]:
         "base": cfg["base"],
         "atomic_numbers": environment.get("atomic_numbers", cfg["base"]["atomic_numbers"]),
         "e0s": cfg.get("e0s"),
+        "logit_bound": cfg.get("logit_bound"),
+        "calibrated": bool(cfg.get("gate_ranges")),
         "training": cfg.get("training"),
     }
 

@@ -248,6 +248,8 @@ def test_calibrate_records_the_ranges_of_an_older_adapter(files, tmp_path, capsy
         loaded = AdaptedModel(torch.load(files["base"], weights_only=False))
         loaded.load_adapter(tmp_path / "old")
     assert loaded.is_calibrated("old")
+    assert main(["info", str(tmp_path / "old"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibrated"] is True
     assert main(["calibrate", str(tmp_path / "old"), "--base", files["base"],
                  "--data", str(tmp_path / "none.xyz")]) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
