@@ -60,9 +60,9 @@ class Route:
         num_nodes: rows of every node-feature tensor in the call.
         slots: ``(adapter name, node indices)`` pairs; indices ``None`` mean every node.
             Nodes in no slot run the bare base (multiplier exactly 1, shift exactly 0).
-        extrapolation: a list that collects, per gated linear, every node's extrapolation
-            grade (:meth:`MMEAGate.extrapolation`) for calibrated gates; ``None``: not
-            collected. It lives as long as the call.
+        extrapolation: a list that collects, per gated linear, every node's squared distance
+            outside the gate's range (:meth:`MMEAGate.extrapolation` is its square root) for
+            calibrated gates; ``None``: not collected. It lives as long as the call.
     """
 
     num_nodes: int
@@ -151,9 +151,8 @@ def saturate(
         >>> saturate(z, lo, hi, 0.1 * (hi - lo)).round(decimals=4).tolist()
         [[-0.1, 0.5, 1.0, 1.1]]
     """
-    over = (z - high).clamp_min(0.0)
-    under = (low - z).clamp_min(0.0)
-    return z - over + width * torch.tanh(over / width) + under - width * torch.tanh(under / width)
+    inside = torch.clamp(z, low, high)
+    return inside + width * torch.tanh((z - inside) / width)
 
 
 def range_excess_squared(
@@ -177,7 +176,7 @@ def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tenso
         >>> fade(excess**2).round(decimals=3).tolist()
         [1.0, 0.779, 0.368, 0.0]
     """
-    return torch.exp(-excess_squared / (scale * scale))
+    return torch.exp(excess_squared * (-1.0 / (scale * scale)))
 
 
 class MMEAGate(torch.nn.Module):
@@ -219,7 +218,7 @@ class MMEAGate(torch.nn.Module):
         self.shift = torch.nn.Linear(rank, num_shifts, **kw) if num_shifts else None
         # the bottleneck's training range (set_range): buffers, so they follow .to(); stored in
         # the adapter's config, not among its tensors
-        for key in ("range_low", "range_high", "range_width"):
+        for key in ("range_low", "range_high", "range_width", "_inv_span", "_inv_width"):
             self.register_buffer(key, None, persistent=False)
         with torch.no_grad():
             # W_down keeps torch's default init so gradients reach W_g/W_s from step one.
@@ -244,6 +243,7 @@ class MMEAGate(torch.nn.Module):
         (:func:`saturate`, width ``margin`` times the range). ``None`` forgets it."""
         if low is None or high is None:
             self.range_low = self.range_high = self.range_width = None
+            self._inv_span = self._inv_width = None
             return
         like = self.down.bias
         low = torch.as_tensor(low, dtype=like.dtype, device=like.device).reshape(-1)
@@ -263,6 +263,8 @@ class MMEAGate(torch.nn.Module):
             raise ConfigError(f"the range margin must be > 0, got {margin!r}")
         self.range_low, self.range_high = low, high
         self.range_width = (margin * (high - low)).clamp_min(RANGE_MIN_WIDTH)
+        self._inv_span = 1.0 / (high - low).clamp_min(RANGE_MIN_WIDTH)
+        self._inv_width = 1.0 / self.range_width
 
     def bottleneck(self, scalars: torch.Tensor) -> torch.Tensor:
         """The pre-activation ``W_down h[0e] + b_down`` (``[n, rank]``), before saturation."""
@@ -276,18 +278,26 @@ class MMEAGate(torch.nn.Module):
             return z.new_zeros(z.shape[0])
         return range_excess_squared(z, self.range_low, self.range_high).sqrt()
 
-    def heads(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def heads(
+        self, z: torch.Tensor, excess_sink: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Multipliers and additive terms from the pre-activation ``z``.
 
         With a recorded range, the update fades out with the node's distance outside it
         (logits and shifts times :func:`fade`) and ``z`` saturates (:func:`saturate`): inside
-        the range the adapter is exactly what was trained; far outside, the bare base.
+        the range the adapter is exactly what was trained; far outside, the bare base. The
+        nodes' squared distances (detached) are appended to ``excess_sink`` when given.
         """
         weight = None
         if self.range_low is not None:
-            excess = range_excess_squared(z, self.range_low, self.range_high)
-            weight = fade(excess).unsqueeze(1)
-            z = saturate(z, self.range_low, self.range_high, self.range_width)
+            inside = torch.clamp(z, self.range_low, self.range_high)
+            delta = z - inside
+            excess = delta * self._inv_span
+            excess_squared = (excess * excess).sum(dim=1)
+            if excess_sink is not None:
+                excess_sink.append(excess_squared.detach())
+            weight = fade(excess_squared).unsqueeze(1)
+            z = inside + self.range_width * torch.tanh(delta * self._inv_width)
         u = torch.nn.functional.silu(z)
         scale = None
         if self.gate is not None:
@@ -411,9 +421,7 @@ class MMEALayer(torch.nn.Module):
         scalars = self.scalars(x)
         if len(slots) == 1 and slots[0][1] is None:  # every node, one adapter
             gate = self.gates[slots[0][0]]
-            z = gate.bottleneck(scalars)
-            _record_extrapolation(route, gate, z, None)
-            return self.modulate(out, *gate.heads(z))
+            return self.modulate(out, *gate.heads(gate.bottleneck(scalars), route.extrapolation))
         lay = self.layout
         scale = torch.ones(x.shape[0], lay.num_gates, dtype=out.dtype, device=out.device)
         shift = torch.zeros(x.shape[0], lay.num_shifts, dtype=out.dtype, device=out.device)
@@ -421,9 +429,11 @@ class MMEALayer(torch.nn.Module):
             if idx is None:
                 raise RuntimeError(f"adapter {name!r} is routed to every node beside others")
             gate = self.gates[name]
-            z = gate.bottleneck(scalars.index_select(0, idx))
-            _record_extrapolation(route, gate, z, idx)
-            s, a = gate.heads(z)
+            sink: list[torch.Tensor] | None = [] if route.extrapolation is not None else None
+            s, a = gate.heads(gate.bottleneck(scalars.index_select(0, idx)), sink)
+            if sink:  # per node of the whole batch, 0 where another adapter serves
+                whole = sink[0].new_zeros(route.num_nodes).index_put((idx,), sink[0])
+                route.extrapolation.append(whole)
             if s is not None:
                 scale = scale.index_put((idx,), s)
             if a is not None:
@@ -431,18 +441,6 @@ class MMEALayer(torch.nn.Module):
         return self.modulate(
             out, scale if lay.num_gates else None, shift if lay.num_shifts else None
         )
-
-
-def _record_extrapolation(
-    route: Route, gate: MMEAGate, z: torch.Tensor, idx: torch.Tensor | None
-) -> None:
-    """Add the nodes' extrapolation grades to the route's collector (when it has one)."""
-    if route.extrapolation is None or not gate.calibrated:
-        return
-    grade = gate.extrapolation(z.detach())
-    if idx is not None:
-        grade = grade.new_zeros(route.num_nodes).index_put((idx,), grade)
-    route.extrapolation.append(grade)
 
 
 def _head(head: torch.nn.Linear | None, rank: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -511,9 +509,11 @@ class FrozenMMEALinear(torch.nn.Module):
         tensors["gate_weight"], tensors["gate_bias"] = _head(gate.gate, rank, weight)
         tensors["shift_weight"], tensors["shift_bias"] = _head(gate.shift, rank, weight)
         self.has_range: bool = gate.calibrated
-        for key in ("range_low", "range_high", "range_width"):  # empty when not calibrated
+        keys = ("range_low", "range_high", "range_width", "_inv_span", "_inv_width")
+        for key in keys:  # empty when not calibrated
             value = getattr(gate, key)
-            tensors[key] = value.detach().clone() if value is not None else weight.new_zeros(0)
+            name = key if not key.startswith("_") else "range" + key
+            tensors[name] = value.detach().clone() if value is not None else weight.new_zeros(0)
         for key, value in tensors.items():
             self.register_buffer(key, value)
 
@@ -535,10 +535,12 @@ class FrozenMMEALinear(torch.nn.Module):
             x.index_select(1, self.scalar_index), self.down_weight, self.down_bias
         )
         weight = torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)
-        if self.has_range:
-            excess = range_excess_squared(u, self.range_low, self.range_high)
-            weight = fade(excess).unsqueeze(1)
-            u = saturate(u, self.range_low, self.range_high, self.range_width)
+        if self.has_range:  # as MMEAGate.heads
+            inside = torch.clamp(u, self.range_low, self.range_high)
+            delta = u - inside
+            excess = delta * self.range_inv_span
+            weight = fade((excess * excess).sum(dim=1)).unsqueeze(1)
+            u = inside + self.range_width * torch.tanh(delta * self.range_inv_width)
         u = torch.nn.functional.silu(u)
         n = out.shape[0]
         if self.has_scale:

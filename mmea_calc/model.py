@@ -125,7 +125,7 @@ def _hook(layer: MMEALayer, route: Route, module: Any, args: tuple, output: Any)
 
 
 def _per_graph_max(grades: list[torch.Tensor], data: Mapping[str, Any]) -> torch.Tensor:
-    """Each graph's largest node grade, ``[num_graphs]`` (0 where no node is outside)."""
+    """Each graph's largest node value, ``[num_graphs]`` (0 where no node is outside)."""
     node = torch.stack(grades).amax(dim=0)
     num_graphs = int(data["ptr"].shape[0]) - 1
     out = node.new_zeros(num_graphs)
@@ -701,7 +701,7 @@ class AdaptedModel(torch.nn.Module):
                 handle.remove()
         if route.extrapolation:
             out = dict(out)
-            out["adapter_extrapolation"] = _per_graph_max(route.extrapolation, data)
+            out["adapter_extrapolation"] = _per_graph_max(route.extrapolation, data).sqrt()
         shift = self._e0_shift(data, route)
         if shift is not None:
             out = dict(out)
