@@ -207,9 +207,14 @@ def _md(
         rng=rng,
     )
     every = max(1, steps // settings.reports)
-    record: dict[str, Any] = {"steps": steps, "target_K": temperature, "max_K": 0.0}
+    record: dict[str, Any] = {
+        "steps": steps,
+        "target_K": temperature,
+        "max_K": 0.0,
+        "max_extrapolation": 0.0,
+    }
     say(f"Langevin MD of {label}: {steps} steps of {settings.timestep_fs} fs at {temperature} K")
-    say(f"  {'step':>6s} {'time/fs':>8s} {'E_pot/eV':>12s} {'T/K':>8s}")
+    say(f"  {'step':>6s} {'time/fs':>8s} {'E_pot/eV':>12s} {'T/K':>8s} {'extrapolation':>13s}")
     bar = tqdm(total=steps, desc=label, unit="step", file=progress, disable=progress is None)
 
     def observe() -> None:
@@ -223,10 +228,14 @@ def _md(
             )
         if atoms.calc.results.get("adapter") != expected:
             raise DemoError(f"MD of {label} switched to adapter {atoms.calc.results['adapter']!r}")
+        grade = atoms.calc.results.get("adapter_extrapolation")
+        if grade is not None:
+            record["max_extrapolation"] = max(record["max_extrapolation"], grade)
         if dyn.nsteps % every == 0:
             time_fs = dyn.nsteps * settings.timestep_fs
+            shown = "–" if grade is None else f"{grade:.3f}"
             with tqdm.external_write_mode():  # the line goes above the bar, not through it
-                say(f"  {dyn.nsteps:6d} {time_fs:8.1f} {energy:12.4f} {temp:8.1f}")
+                say(f"  {dyn.nsteps:6d} {time_fs:8.1f} {energy:12.4f} {temp:8.1f} {shown:>13s}")
         bar.update(dyn.nsteps - bar.n)
 
     dyn.attach(observe, interval=1)

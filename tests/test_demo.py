@@ -44,6 +44,7 @@ def test_run_demo_end_to_end_on_stand_ins(assets):
     assert "step" in bars.getvalue()  # tqdm progress bars went to their own stream
     for md in report.md.values():
         assert md["steps"] == 8 and 0 < md["max_K"] < TINY.blowup_factor * md["target_K"]
+        assert 0.0 <= md["max_extrapolation"] < 1e3  # the stand-in adapters are calibrated
     molecule_md = next(v for k, v in report.md.items() if k.startswith("ethanol"))
     assert molecule_md["target_K"] == 600.0  # from the test frames' temperature_K
     assert report.relax["fmax"] <= TINY.relax_fmax
