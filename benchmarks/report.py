@@ -193,6 +193,25 @@ def _rattle_table(title: str, test_mae: dict, rattle: dict) -> list[str]:
     return lines
 
 
+def _range_rule_table(results: dict) -> str:
+    """Test force MAE with and without the gate-range rule (same weights), per test set."""
+    lines = [
+        f"Command: `{results['setup']['command']}`",
+        "",
+        "| test set | base | mmea without ranges | mmea with ranges | change |",
+        "|---|---|---|---|---|",
+    ]
+    for dataset, result in results["datasets"].items():
+        for name, maes in result["test"].items():
+            old, new = (maes[k]["forces_mae_meV_per_A"] for k in ("mmea-old", "mmea"))
+            base = maes["base"]["forces_mae_meV_per_A"]
+            label = dataset if len(result["test"]) == 1 else f"{dataset} {name}"
+            lines.append(
+                f"| {label} | {base:.1f} | {old:.2f} | {new:.2f} | {100 * (new / old - 1):+.2f} % |"
+            )
+    return "\n".join(lines)
+
+
 def robustness_tables(results: dict) -> str:
     """Rattle sweep, test errors and hot MD per dataset (or per shipped adapter)."""
     lines = [f"Command: `{results.get('command') or results['setup']['command']}`", ""]
@@ -201,6 +220,8 @@ def robustness_tables(results: dict) -> str:
             lines += _rattle_table(f"shipped `{name}` adapter", result["test"], result["rattle"])
             lines.append("")
         return "\n".join(lines).rstrip()
+    if not any("rattle" in r for r in results["datasets"].values()):  # accuracy only
+        return _range_rule_table(results)
     for dataset, result in results["datasets"].items():
         tests = result["test"]
         first = next(iter(tests))
@@ -208,6 +229,9 @@ def robustness_tables(results: dict) -> str:
         for name, maes in list(tests.items())[1:]:
             cells = ", ".join(f"{k} {v['forces_mae_meV_per_A']:.1f}" for k, v in maes.items())
             lines.append(f"\n{name} force MAE (meV/Å): {cells}")
+        if "md" not in result:
+            lines.append("")
+            continue
         lines += ["", "| MD, 1 ps Langevin | " + " | ".join(result["md"]) + " |",
                   "|---|" + "---|" * len(result["md"])]  # fmt: skip
         for temperature in next(iter(result["md"].values())):

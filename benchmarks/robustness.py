@@ -76,7 +76,7 @@ def _train(dataset: str, label: str, epochs: int, threads: int, work: Path) -> d
     return json.loads((out / "training.json").read_text())
 
 
-def _calculators(work: Path, dataset: str) -> dict:
+def _calculators(work: Path, dataset: str, methods: tuple[str, ...] = tuple(TRAINED)) -> dict:
     import warnings
 
     from mmea_calc import AdaptedModel, MMEACalculator
@@ -92,7 +92,7 @@ def _calculators(work: Path, dataset: str) -> dict:
         "mmea": MMEACalculator(model, select="mmea"),
         "mmea-old": MMEACalculator(model, select="old"),
     }
-    for label in ("lora", "full"):
+    for label in (m for m in ("lora", "full") if m in methods):
         calcs[label] = MMEACalculator(str(work / dataset / label / "model.model"), select=None,
                                       default_dtype="float64")  # fmt: skip
     return calcs
@@ -195,13 +195,13 @@ def _md(calcs: dict, start, temperatures: tuple[float, ...], steps: int) -> dict
 
 
 def _assess(dataset: str, work: Path, threads: int, n_rattle: int, n_test: int,
-            md_steps: int) -> dict:  # fmt: skip
+            md_steps: int, methods: tuple[str, ...] = tuple(TRAINED)) -> dict:  # fmt: skip
     import ase.io
     import torch
 
     torch.set_num_threads(threads)
     with contextlib.redirect_stdout(sys.stderr):
-        calcs = _calculators(work, dataset)
+        calcs = _calculators(work, dataset, methods)
         tests = {}
         for name, path in _dataset(dataset)["tests"].items():
             frames = ase.io.read(path, index=f":{max(n_test, n_rattle)}")
@@ -215,8 +215,9 @@ def _assess(dataset: str, work: Path, threads: int, n_rattle: int, n_test: int,
         tic = time.perf_counter()
         result = {
             "test": {name: _test_errors(calcs, frames[:n_test]) for name, frames in tests.items()},
-            "rattle": _rattles(calcs, test, n_rattle),
         }
+        if n_rattle:
+            result["rattle"] = _rattles(calcs, test, n_rattle)
         if md_steps:
             result["md"] = _md(calcs, test[0], (500.0, 1500.0), md_steps)
         result["seconds"] = time.perf_counter() - tic
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--structures", type=int, default=30, help="rattled frames per σ")
     parser.add_argument("--test-frames", type=int, default=200)
+    parser.add_argument(
+        "--methods", default="mmea,lora,full", help="trained methods (mmea is always needed)"
+    )
     parser.add_argument("--md-steps", type=int, default=2000, help="0.5 fs each (1 ps)")
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "robustness"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/robustness.json"))
@@ -283,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.work)
     datasets = [d for d in args.datasets.split(",") if d]
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if "mmea" not in methods or set(methods) - set(TRAINED):
+        parser.error(f"--methods must include mmea and name only {list(TRAINED)}")
     results: dict = {"setup": {
         "command": "python benchmarks/robustness.py " + " ".join(argv or sys.argv[1:]),
         "epochs": args.epochs, "sigmas": list(SIGMAS), "blowup_factor": BLOWUP,
@@ -291,15 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     }, "training": {}, "datasets": {}}  # fmt: skip
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         fits = {(d, m): pool.submit(_train, d, m, args.epochs, args.threads, work)
-                for d in datasets for m in TRAINED}  # fmt: skip
+                for d in datasets for m in methods}  # fmt: skip
         for (dataset, label), future in fits.items():
             summary = future.result()
             results["training"].setdefault(dataset, {})[label] = {
                 k: summary[k] for k in ("trainable_parameters", "seconds_per_epoch", "best_epoch")
             }
             print(f"trained {dataset} {label}", file=sys.stderr)
-        evals = {d: pool.submit(_assess, d, work, args.threads, args.structures,
-                                args.test_frames, args.md_steps) for d in datasets}  # fmt: skip
+        settings = (args.threads, args.structures, args.test_frames, args.md_steps, methods)
+        evals = {d: pool.submit(_assess, d, work, *settings) for d in datasets}
         for dataset, future in evals.items():
             results["datasets"][dataset] = future.result()
             print(f"assessed {dataset}", file=sys.stderr)

@@ -196,10 +196,20 @@ def test_robustness_trains_rattles_and_runs_md_on_a_toy(toy_rmd17, tmp_path, mon
     table = _load("report").robustness_tables(result)
     assert "| mmea-old |" in table and "| 1500K |" in table
     assert (tmp_path / "work" / "toy" / "mmea" / "adapter_config.json").is_file()
-    # a re-run reuses the trained models
+    # a re-run reuses the trained models; --methods mmea without rattles and MD: the range rule's
+    # effect on accuracy alone
     trained = (tmp_path / "work" / "toy" / "full" / "training.json").stat().st_mtime
     assert robustness.main([*argv, "--out", str(out)]) == 0
     assert (tmp_path / "work" / "toy" / "full" / "training.json").stat().st_mtime == trained
+    quick = [*argv, "--methods", "mmea", "--structures", "0", "--md-steps", "0"]
+    assert robustness.main([*quick, "--out", str(out)]) == 0
+    only = json.loads(out.read_text())["datasets"]["toy"]
+    assert set(only) == {"test", "seconds"} and set(only["test"]["test"]) == {
+        "base",
+        "mmea",
+        "mmea-old",
+    }
+    assert "| toy |" in _load("report").robustness_tables(json.loads(out.read_text()))
 
 
 def test_robustness_of_the_shipped_adapters_runs_on_stand_ins(demo_assets, tmp_path, monkeypatch):
