@@ -155,15 +155,25 @@ def saturate(
     return inside + width * torch.tanh((z - inside) / width)
 
 
-def range_excess_squared(
-    z: torch.Tensor, low: torch.Tensor, high: torch.Tensor, min_width: float = RANGE_MIN_WIDTH
-) -> torch.Tensor:
-    """``[n]``: the squared norm over channels of how far ``z`` ``[n, r]`` lies outside
-    ``[low, high]``, each channel in units of its range's width (0 inside; C1 in ``z``, with no
-    square root, whose gradient at 0 would be infinite)."""
-    width = (high - low).clamp_min(min_width)
-    beyond = ((z - high).clamp_min(0.0) + (low - z).clamp_min(0.0)) / width
-    return (beyond * beyond).sum(dim=1)
+def range_rule(
+    z: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    width: torch.Tensor,
+    inv_span: torch.Tensor,
+    inv_width: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z`` ``[n, r]`` saturated as :func:`saturate` does, and each node's squared distance
+    outside ``[low, high]`` in units of the range's span (``inv_span`` = 1 / span), ``[n]``.
+
+    One clamp serves both; the squared distance (no square root, whose gradient at 0 would be
+    infinite) feeds :func:`fade` and the extrapolation grade. Shared by :class:`MMEAGate` and
+    :class:`FrozenMMEALinear`, so the exported model computes exactly the same rule.
+    """
+    inside = torch.clamp(z, low, high)
+    delta = z - inside
+    excess = delta * inv_span
+    return inside + width * torch.tanh(delta * inv_width), (excess * excess).sum(dim=1)
 
 
 def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tensor:
@@ -274,9 +284,10 @@ class MMEAGate(torch.nn.Module):
         """Per-node distance of the pre-activation outside its range, ``[n]``: the norm over
         the ``rank`` channels of each channel's excess in units of its range's width (0
         inside). :func:`fade` turns it into the weight of the adapter's update."""
-        if self.range_low is None or self.range_high is None:
+        if self.range_low is None:
             return z.new_zeros(z.shape[0])
-        return range_excess_squared(z, self.range_low, self.range_high).sqrt()
+        ranges = (self.range_low, self.range_high, self.range_width, self._inv_span)
+        return range_rule(z, *ranges, self._inv_width)[1].sqrt()
 
     def heads(
         self, z: torch.Tensor, excess_sink: list[torch.Tensor] | None = None
@@ -290,14 +301,11 @@ class MMEAGate(torch.nn.Module):
         """
         weight = None
         if self.range_low is not None:
-            inside = torch.clamp(z, self.range_low, self.range_high)
-            delta = z - inside
-            excess = delta * self._inv_span
-            excess_squared = (excess * excess).sum(dim=1)
+            ranges = (self.range_low, self.range_high, self.range_width, self._inv_span)
+            z, excess_squared = range_rule(z, *ranges, self._inv_width)
             if excess_sink is not None:
                 excess_sink.append(excess_squared.detach())
             weight = fade(excess_squared).unsqueeze(1)
-            z = inside + self.range_width * torch.tanh(delta * self._inv_width)
         u = torch.nn.functional.silu(z)
         scale = None
         if self.gate is not None:
@@ -536,11 +544,15 @@ class FrozenMMEALinear(torch.nn.Module):
         )
         weight = torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)
         if self.has_range:  # as MMEAGate.heads
-            inside = torch.clamp(u, self.range_low, self.range_high)
-            delta = u - inside
-            excess = delta * self.range_inv_span
-            weight = fade((excess * excess).sum(dim=1)).unsqueeze(1)
-            u = inside + self.range_width * torch.tanh(delta * self.range_inv_width)
+            u, excess_squared = range_rule(
+                u,
+                self.range_low,
+                self.range_high,
+                self.range_width,
+                self.range_inv_span,
+                self.range_inv_width,
+            )
+            weight = fade(excess_squared).unsqueeze(1)
         u = torch.nn.functional.silu(u)
         n = out.shape[0]
         if self.has_scale:

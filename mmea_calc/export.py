@@ -37,6 +37,7 @@ from mmea_calc._deps import LAMMPS_MACE, LAMMPS_MLIAP_MACE, e3nn_jit, mace
 from mmea_calc.adapter import MMEALayer
 from mmea_calc.errors import ExportError
 from mmea_calc.files import atomic_write_bytes, atomic_write_json, sha256_hex
+from mmea_calc.mace_model import LAMMPS_ATTRS, missing_attributes
 from mmea_calc.model import BASE_NAMES, AdaptedModel
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
 EXPORT_FORMATS = ("lammps", "mliap")
 EXPORT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SIDECAR_FORMAT_VERSION = 1
-_REQUIRED = ("atomic_numbers", "r_max", "num_interactions", "atomic_energies_fn")
 
 
 def check_exportable(module: Any) -> torch.nn.Module:
@@ -87,7 +87,7 @@ def check_exportable(module: Any) -> torch.nn.Module:
                 "converter drop silently; export model.freeze(name) (one adapter) or use "
                 "mmea_calc.export.export_lammps(model, name, path)"
             )
-    missing = [a for a in _REQUIRED if not hasattr(module, a)]
+    missing = missing_attributes(module, LAMMPS_ATTRS)
     if missing:
         raise ExportError(
             f"a {type(module).__name__} without {missing} is not a MACE model mace's LAMMPS "

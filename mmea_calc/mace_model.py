@@ -23,6 +23,7 @@ from mmea_calc._deps import mace, o3, torch_tools
 from mmea_calc.errors import BaseFormatError, BaseModelError
 
 __all__ = [
+    "LAMMPS_ATTRS",
     "MODEL_CLASSES",
     "atomic_energies",
     "base_config",
@@ -32,10 +33,18 @@ __all__ = [
     "hidden_irreps",
     "invariant_feature_index",
     "load_state",
+    "missing_attributes",
 ]
 
 MODEL_CLASSES = ("MACE", "ScaleShiftMACE")
 _REQUIRED_ATTRS = ("atomic_numbers", "r_max", "interactions", "products", "readouts")
+#: What mace's LAMMPS wrappers read from a model (``LAMMPS_MACE``, ``LAMMPS_MLIAP_MACE``).
+LAMMPS_ATTRS = ("atomic_numbers", "r_max", "num_interactions", "atomic_energies_fn")
+
+
+def missing_attributes(model: Any, names: tuple[str, ...]) -> list[str]:
+    """The ``names`` that ``model`` lacks."""
+    return [name for name in names if not hasattr(model, name)]
 
 
 def check_mace(model: Any, origin: str) -> torch.nn.Module:
@@ -46,7 +55,7 @@ def check_mace(model: Any, origin: str) -> torch.nn.Module:
             f"{origin} holds a {type(model).__name__}, not a torch.nn.Module; "
             "expected a mace-torch MACE or ScaleShiftMACE model"
         )
-    missing = [a for a in _REQUIRED_ATTRS if not hasattr(model, a)]
+    missing = missing_attributes(model, _REQUIRED_ATTRS)
     if missing:
         raise BaseModelError(
             f"{origin} is a {type(model).__name__} without {missing}; "
