@@ -11,7 +11,12 @@ Three sets, each split train/valid/test (seeded), written as extxyz with ``REF_e
   bond constraints, short Langevin MD at 300 K and 350 K, one worker process each), then given
   thermal intramolecular displacements and a random isotropic compression/expansion of up to
   3 % (for stress);
-* ``aspirin``: aspirin sampled hot with GFN2-xTB Langevin MD at 600 K and 800 K (0.5 fs steps).
+* ``aspirin``: aspirin sampled hot with GFN2-xTB Langevin MD at 600 K and 800 K (0.5 fs steps);
+* ``aspirin_distorted``: frames of the ``aspirin`` splits (read from ``--out``, so run ``aspirin``
+  first) with every atom displaced by an independent Gaussian of width 0.05, 0.1, 0.15 or 0.2 Å,
+  relabelled. Each split is drawn from the same split of ``aspirin``, so no test geometry leaks
+  into training. They teach an adapter the compressed, off-equilibrium geometries that
+  relaxations from rough starts and hot MD reach (the robust-gates issue).
 
 Every sampled geometry is labelled with GFN2-xTB through ``tblite`` (``pip install tblite``, works
 offline). Frames whose SCF fails are dropped and counted. The test splits of the two environments
@@ -21,6 +26,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets base --out data
     OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets water aspirin --out data
+    OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets aspirin_distorted --out data
     python scripts/make_xtb_data.py --quick --out /tmp/xtb-quick   # a few frames of each
 """
 
@@ -322,6 +328,34 @@ def aspirin_frames(rng: np.random.Generator, quick: bool, n_frames: int) -> list
     return frames
 
 
+DISTORTION_SIGMAS = (0.05, 0.1, 0.15, 0.2)  # Å
+
+
+def distorted_aspirin(source: Path, rng: np.random.Generator, quick: bool) -> dict:
+    """Rattled, relabelled copies of the ``aspirin`` splits: ``{split: [labelled frames]}``.
+
+    Per split, ``4/7`` as many frames as the source split, the displacement width cycling through
+    :data:`DISTORTION_SIGMAS` (the same for H as for heavy atoms).
+    """
+    parts = {}
+    for part in SPLITS:
+        path = source / f"aspirin_{part}.xyz"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: make the 'aspirin' set first (--sets aspirin)")
+        frames = ase.io.read(path, ":")
+        count = 2 if quick else max(1, round(len(frames) * 4 / 7))
+        picked = rng.choice(len(frames), size=min(count, len(frames)), replace=False)
+        jobs = []
+        for i, index in enumerate(sorted(picked)):
+            sigma = DISTORTION_SIGMAS[i % len(DISTORTION_SIGMAS)]
+            atoms = Atoms(frames[index].numbers, frames[index].positions)
+            atoms.positions += rng.normal(scale=sigma, size=atoms.positions.shape)
+            info = {"source": f"aspirin_{part}_{index}", "sigma_A": sigma}
+            jobs.append((atoms, "aspirin_distorted", info))
+        parts[part] = label_all(jobs, f"aspirin_distorted {part}")
+    return parts
+
+
 # ---------------------------------------------------------------------------- splits, output
 def split(frames: list[Atoms], n_valid: int, n_test: int, rng: np.random.Generator) -> dict:
     order = rng.permutation(len(frames))
@@ -352,7 +386,7 @@ def main() -> None:
         "--sets",
         nargs="+",
         default=["base", "water", "aspirin"],
-        choices=["base", "water", "aspirin"],
+        choices=["base", "water", "aspirin", "aspirin_distorted"],
     )
     parser.add_argument("--out", default=str(ROOT / "data"), help="output folder")
     parser.add_argument("--seed", type=int, default=2026)
@@ -372,7 +406,7 @@ def main() -> None:
     ship = not (quick or args.no_ship)
     n_test, n_valid = (2, 2) if quick else (args.n_test, args.n_valid)
     summary = {}
-    for offset, name in enumerate(("base", "water", "aspirin")):
+    for offset, name in enumerate(("base", "water", "aspirin", "aspirin_distorted")):
         if name not in args.sets:
             continue
         rng = np.random.default_rng([args.seed, offset])  # each set reproducible on its own
@@ -385,11 +419,13 @@ def main() -> None:
             n_frames = 8 if quick else args.water_frames
             frames = water_set(rng, quick, n_frames)
             parts = split(frames, n_valid, n_test, rng)
-        else:
+        elif name == "aspirin":
             frames = aspirin_frames(rng, quick, 8 if quick else args.aspirin_frames)
             parts = split(frames, n_valid, n_test, rng)
+        else:
+            parts = distorted_aspirin(out, rng, quick)
         summary[name] = write_set(
-            name, parts, out, ship and name != "base", time.perf_counter() - start
+            name, parts, out, ship and name in ("water", "aspirin"), time.perf_counter() - start
         )
     (out / f"summary_{'_'.join(args.sets)}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -6,19 +6,23 @@ Stages (``--stage``; ``all`` runs them in order):
   correlation 3, elements H C N O; E0s from a least-squares fit of the base training energies;
   ``avg_num_neighbors``, shift and scale from the base training set) trained from scratch on the
   GFN2-xTB base set only, with our trainer in ``full`` mode. Written with ``torch.save`` to
-  ``build/embedded/base.model`` (a pickle, so not shipped: it is converted to the package's safe
-  format separately);
+  ``build/embedded/base.model`` (a pickle, so not shipped: convert it with ``mmea-calc
+  convert-base build/embedded/base.model mmea_calc/embedded/base --overwrite``);
 * ``adapters``: rank-16 MMEA adapters trained with ``mmea-calc finetune`` (subprocesses in
-  parallel, sharing ``--threads``) on liquid water and on hot aspirin, written to
-  ``mmea_calc/embedded/adapters/{water,aspirin}``;
+  parallel, sharing ``--threads``) on liquid water and on hot aspirin (plus the distorted aspirin
+  frames, ``aspirin_distorted_*.xyz``, when ``--data`` has them), written to
+  ``mmea_calc/embedded/adapters/{water,aspirin}``. The base is ``--base``: by default the
+  package's shipped base (``mmea_calc/embedded/base``), so a fresh checkout can retrain the
+  adapters without the ``base`` stage;
 * ``eval``: ``mmea-calc eval --json -`` of the base and of each adapter on each environment's
-  held-out test split, and an auto-selection check with ``MMEACalculator(select="auto")`` on those
+  held-out test split (and on the distorted aspirin test split when present), and an auto-selection check with ``MMEACalculator(select="auto")`` on those
   held-out frames; written to ``benchmarks/results/embedded.json``.
 
 Data come from ``scripts/make_xtb_data.py`` (``data/``). Usage::
 
     python scripts/train_embedded.py --stage all
     python scripts/train_embedded.py --stage base --epochs 2 --build /tmp/emb --quick  # smoke test
+    python scripts/train_embedded.py --stage adapters --envs water --adapter-epochs 40 --threads 1
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"  # default of --data
+BASE = ROOT / "mmea_calc" / "embedded" / "base"  # default of --base (the shipped, safe format)
 ADAPTERS = ROOT / "mmea_calc" / "embedded" / "adapters"
 RESULTS = ROOT / "benchmarks" / "results" / "embedded.json"
 ELEMENTS = (1, 6, 7, 8)
@@ -47,11 +52,13 @@ REPRODUCE = [
     "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets aspirin --out data",
     "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets water --water-frames 48 "
     "--n-test 20 --n-valid 6 --out data",
+    "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets aspirin_distorted --out data",
     "python scripts/train_embedded.py --stage base --epochs 60 --threads 2",
+    "mmea-calc convert-base build/embedded/base.model mmea_calc/embedded/base --overwrite",
     "python scripts/train_embedded.py --stage adapters --envs aspirin --adapter-epochs 60 "
     "--threads 1",
     "python scripts/train_embedded.py --stage adapters --envs water --adapter-epochs 40 "
-    "--threads 2  # stopped with Ctrl-C after 11 epochs (time budget); best = last",
+    "--threads 1",
     "python scripts/train_embedded.py --stage eval",
 ]
 
@@ -193,12 +200,30 @@ def _print_epoch(record: dict, module) -> None:
 
 
 # ---------------------------------------------------------------------------- adapters
+def training_files(env: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The train and valid files of ``env``: for aspirin, joined with the distorted frames
+    (written to ``--build``) when ``--data`` has them."""
+    files = []
+    for part in ("train", "valid"):
+        path = args.data / f"{env}_{part}.xyz"
+        extra = args.data / f"{env}_distorted_{part}.xyz"
+        if extra.is_file():
+            joined = args.build / f"{env}_with_distorted_{part}.xyz"
+            frames = ase.io.read(path, ":") + ase.io.read(extra, ":")
+            ase.io.write(joined, frames, format="extxyz")
+            print(f"{joined}: {len(frames)} frames ({path.name} + {extra.name})")
+            path = joined
+        files.append(path)
+    return files[0], files[1]
+
+
 def finetune_command(env: str, args: argparse.Namespace, threads: int) -> list[str]:
+    train, valid = training_files(env, args)
     return [
         "mmea-calc", "--threads", str(threads), "finetune",
-        "--base", str(args.build / "base.model"),
-        "--train", str(args.data / f"{env}_train.xyz"),
-        "--valid", str(args.data / f"{env}_valid.xyz"),
+        "--base", str(args.base),
+        "--train", str(train),
+        "--valid", str(valid),
         "--out", str(args.adapters / env),
         "--rank", str(args.rank),
         "--epochs", str(args.adapter_epochs),
@@ -237,7 +262,7 @@ def stage_adapters(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------- evaluation
 def eval_command(env: str, adapter: str | None, args: argparse.Namespace) -> list[str]:
-    command = ["mmea-calc", "eval", "--base", str(args.build / "base.model")]
+    command = ["mmea-calc", "eval", "--base", str(args.base)]
     if adapter:
         command += ["--adapter", str(args.adapters / adapter)]
     return [*command, "--data", str(args.data / f"{env}_test.xyz"), "--json", "-"]
@@ -248,7 +273,7 @@ def check_selection(args: argparse.Namespace) -> dict:
     from mmea_calc import MMEACalculator
 
     calc = MMEACalculator(
-        base=str(args.build / "base.model"),
+        base=str(args.base),
         adapters=[str(args.adapters / env) for env in ENVIRONMENTS],
         select="auto",
     )
@@ -286,14 +311,21 @@ def stage_eval(args: argparse.Namespace) -> None:
             print(" ".join(command))
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             results["errors"][env][adapter or "base"] = json.loads(done.stdout)
+    if (args.data / "aspirin_distorted_test.xyz").is_file():
+        results["errors"]["aspirin_distorted"] = {}
+        for adapter in (None, "aspirin"):
+            command = eval_command("aspirin_distorted", adapter, args)
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            results["errors"]["aspirin_distorted"][adapter or "base"] = json.loads(done.stdout)
     command = eval_command("base", None, args)
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     results["errors"]["base_set"] = {"base": json.loads(done.stdout)}
     results["selection"] = check_selection(args)
-    for name in ("base_summary.json",):
-        path = args.build / name
-        if path.is_file():
-            results["base_training"] = json.loads(path.read_text())
+    path = args.build / "base_summary.json"
+    if path.is_file():
+        results["base_training"] = json.loads(path.read_text())
+    elif args.results.is_file():  # the base was not retrained here: keep its record
+        results["base_training"] = json.loads(args.results.read_text()).get("base_training")
     for env in ENVIRONMENTS:
         training = args.adapters / env / "training.json"
         if training.is_file():
@@ -308,6 +340,9 @@ def main() -> None:
     parser.add_argument("--stage", default="all", choices=["base", "adapters", "eval", "all"])
     parser.add_argument("--data", type=Path, default=DATA, help="make_xtb_data.py's output")
     parser.add_argument("--build", type=Path, default=ROOT / "build" / "embedded")
+    parser.add_argument(
+        "--base", type=Path, default=BASE, help="base of the adapters (stages adapters, eval)"
+    )
     parser.add_argument("--adapters", type=Path, default=ADAPTERS)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--hidden-irreps", default="32x0e+32x1o")
