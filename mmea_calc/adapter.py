@@ -28,7 +28,8 @@ frozen base module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "GateLayout",
     "MMEAGate",
     "MMEALayer",
+    "Mixture",
     "Route",
     "gate_layout",
     "saturate",
@@ -50,6 +52,25 @@ __all__ = [
 
 PHI_CHOICES = ("exp", "1+x")
 Phi = Literal["exp", "1+x"]
+
+
+@dataclass
+class Mixture:
+    """Per-node weights over several adapters for one forward call (per-atom routing).
+
+    ``compute`` returns the ``[num_nodes, len(names)]`` weights; it runs once, on first use
+    (inside the base's forward, after mace has prepared positions and shifts), and its result
+    is kept for the rest of the call. A row's remainder ``1 - sum`` goes to the bare base.
+    """
+
+    names: tuple[str, ...]
+    compute: Callable[[], torch.Tensor]
+    _weights: list[torch.Tensor] = field(default_factory=list)
+
+    def weights(self) -> torch.Tensor:
+        if not self._weights:
+            self._weights.append(self.compute())
+        return self._weights[0]
 
 
 @dataclass(frozen=True)
@@ -63,11 +84,15 @@ class Route:
         extrapolation: a list that collects, per gated linear, every node's squared distance
             outside the gate's range (:meth:`MMEAGate.extrapolation` is its square root) for
             calibrated gates; ``None``: not collected. It lives as long as the call.
+        mixture: per-atom routing: every node mixes the outputs (multipliers and additive
+            terms) of the adapters in ``mixture.names`` with its own weights; ``slots`` then
+            lists those adapters, each with indices ``None``.
     """
 
     num_nodes: int
     slots: tuple[tuple[str, torch.Tensor | None], ...]
     extrapolation: list[torch.Tensor] | None = None
+    mixture: Mixture | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +156,9 @@ def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
 RANGE_MARGIN = 0.1
 #: Floor of range widths (a channel that never varied in training still saturates smoothly).
 RANGE_MIN_WIDTH = 1e-3
-#: Range-widths outside the training range at which an adapter's update has faded to 1/e.
-FADE_SCALE = 1.0
+#: Range-widths outside the training range at which an adapter's update has faded to 1/e (for
+#: gates calibrated with logit ranges; files calibrated before them keep the 1.0 they had).
+FADE_SCALE = 2.0
 
 
 def saturate(
@@ -178,12 +204,12 @@ def range_rule(
 
 def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tensor:
     """The weight of an adapter's update at a node whose squared distance outside the training
-    range is ``excess_squared`` (in range widths): ``exp(-excess² / FADE_SCALE²)``, 1 inside,
+    range is ``excess_squared`` (in range widths): ``exp(-excess² / scale²)``, 1 inside,
     smooth, -> 0 far outside.
 
     Example:
         >>> excess = torch.tensor([0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
-        >>> fade(excess**2).round(decimals=3).tolist()
+        >>> fade(excess**2, scale=1.0).round(decimals=3).tolist()
         [1.0, 0.779, 0.368, 0.0]
     """
     return torch.exp(excess_squared * (-1.0 / (scale * scale)))
@@ -223,12 +249,17 @@ class MMEAGate(torch.nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.phi = phi
         self.logit_bound = logit_bound
+        #: range-widths outside the range at which the update has faded to 1/e (:func:`fade`)
+        self.fade_scale = FADE_SCALE
         self.down = torch.nn.Linear(num_scalar_in, rank, **kw)
         self.gate = torch.nn.Linear(rank, num_gates, **kw) if num_gates else None
         self.shift = torch.nn.Linear(rank, num_shifts, **kw) if num_shifts else None
         # the bottleneck's training range (set_range): buffers, so they follow .to(); stored in
         # the adapter's config, not among its tensors
         for key in ("range_low", "range_high", "range_width", "_inv_span", "_inv_width"):
+            self.register_buffer(key, None, persistent=False)
+        # the gate logits' training range (set_range(logits=...)): [low, high, saturation width]
+        for key in ("logit_low", "logit_high", "logit_width"):
             self.register_buffer(key, None, persistent=False)
         with torch.no_grad():
             # W_down keeps torch's default init so gradients reach W_g/W_s from step one.
@@ -246,35 +277,61 @@ class MMEAGate(torch.nn.Module):
         return self.range_low is not None
 
     def set_range(
-        self, low: torch.Tensor | None, high: torch.Tensor | None, margin: float = RANGE_MARGIN
+        self,
+        low: torch.Tensor | None,
+        high: torch.Tensor | None,
+        margin: float = RANGE_MARGIN,
+        *,
+        logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fade_scale: float = FADE_SCALE,
     ) -> None:
         """Record the range ``[low, high]`` (``[rank]`` each) the bottleneck's pre-activation
         spanned on the training data; outside it the pre-activation saturates smoothly
-        (:func:`saturate`, width ``margin`` times the range). ``None`` forgets it."""
+        (:func:`saturate`, width ``margin`` times the range) and the update fades
+        (:func:`fade`, ``fade_scale``). ``logits``: the ``(low, high)`` range of the gate
+        logits (after ``logit_bound``) on the same data (``[n_gates]`` each); the logits then
+        saturate to it as well. ``None`` forgets the ranges."""
         if low is None or high is None:
             self.range_low = self.range_high = self.range_width = None
             self._inv_span = self._inv_width = None
+            self.logit_low = self.logit_high = self.logit_width = None
             return
-        like = self.down.bias
-        low = torch.as_tensor(low, dtype=like.dtype, device=like.device).reshape(-1)
-        high = torch.as_tensor(high, dtype=like.dtype, device=like.device).reshape(-1)
-        rank = like.shape[0]
-        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise ConfigError(
-                "a gate range must be finite; the adapter gave NaN/inf activations on the "
-                "calibration data (calibrate on the data it was trained on)"
-            )
-        if low.shape != (rank,) or high.shape != (rank,) or not bool((high >= low).all()):
-            raise ConfigError(
-                f"a gate range needs low <= high with {rank} values each, got shapes "
-                f"{tuple(low.shape)} and {tuple(high.shape)}"
-            )
         if not margin > 0:
             raise ConfigError(f"the range margin must be > 0, got {margin!r}")
+        if not fade_scale > 0:
+            raise ConfigError(f"the fade scale must be > 0, got {fade_scale!r}")
+        low, high = self._checked_range(low, high, self.down.bias.shape[0], "gate")
+        if logits is not None:
+            if self.gate is None:
+                raise ConfigError("logit ranges given for a gate without l > 0 outputs")
+            logit_low, logit_high = self._checked_range(*logits, self.gate.bias.shape[0], "logit")
+            self.logit_low, self.logit_high = logit_low, logit_high
+            self.logit_width = (margin * (logit_high - logit_low)).clamp_min(RANGE_MIN_WIDTH)
+        else:
+            self.logit_low = self.logit_high = self.logit_width = None
+        self.fade_scale = float(fade_scale)
         self.range_low, self.range_high = low, high
         self.range_width = (margin * (high - low)).clamp_min(RANGE_MIN_WIDTH)
         self._inv_span = 1.0 / (high - low).clamp_min(RANGE_MIN_WIDTH)
         self._inv_width = 1.0 / self.range_width
+
+    def _checked_range(
+        self, low: Any, high: Any, size: int, what: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        like = self.down.bias
+        low = torch.as_tensor(low, dtype=like.dtype, device=like.device).reshape(-1)
+        high = torch.as_tensor(high, dtype=like.dtype, device=like.device).reshape(-1)
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise ConfigError(
+                f"a {what} range must be finite; the adapter gave NaN/inf activations on the "
+                "calibration data (calibrate on the data it was trained on)"
+            )
+        if low.shape != (size,) or high.shape != (size,) or not bool((high >= low).all()):
+            raise ConfigError(
+                f"a {what} range needs low <= high with {size} values each, got shapes "
+                f"{tuple(low.shape)} and {tuple(high.shape)}"
+            )
+        return low, high
 
     def bottleneck(self, scalars: torch.Tensor) -> torch.Tensor:
         """The pre-activation ``W_down h[0e] + b_down`` (``[n, rank]``), before saturation."""
@@ -295,9 +352,10 @@ class MMEAGate(torch.nn.Module):
         """Multipliers and additive terms from the pre-activation ``z``.
 
         With a recorded range, the update fades out with the node's distance outside it
-        (logits and shifts times :func:`fade`) and ``z`` saturates (:func:`saturate`): inside
-        the range the adapter is exactly what was trained; far outside, the bare base. The
-        nodes' squared distances (detached) are appended to ``excess_sink`` when given.
+        (logits and shifts times :func:`fade`), ``z`` saturates (:func:`saturate`) and so do
+        the logits, to their own training range when it is recorded: inside the ranges the
+        adapter is exactly what was trained; far outside, the bare base. The nodes' squared
+        distances (detached) are appended to ``excess_sink`` when given.
         """
         weight = None
         if self.range_low is not None:
@@ -305,13 +363,15 @@ class MMEAGate(torch.nn.Module):
             z, excess_squared = range_rule(z, *ranges, self._inv_width)
             if excess_sink is not None:
                 excess_sink.append(excess_squared.detach())
-            weight = fade(excess_squared).unsqueeze(1)
+            weight = fade(excess_squared, self.fade_scale).unsqueeze(1)
         u = torch.nn.functional.silu(z)
         scale = None
         if self.gate is not None:
             logits = self.gate(u)
             if self.logit_bound is not None:
                 logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+            if self.logit_low is not None:  # the (bounded) logits' training range
+                logits = saturate(logits, self.logit_low, self.logit_high, self.logit_width)
             if weight is not None:
                 logits = logits * weight
             scale = torch.exp(logits) if self.phi == "exp" else 1.0 + logits
@@ -423,6 +483,8 @@ class MMEALayer(torch.nn.Module):
                 f"the route covers {route.num_nodes} nodes but the linear got {x.shape[0]} "
                 "rows; MMEA gates act per node"
             )
+        if route.mixture is not None:
+            return self._mix(x, out, route)
         slots = [(name, idx) for name, idx in route.slots if name in self.gates]
         if not slots:
             return out
@@ -449,6 +511,36 @@ class MMEALayer(torch.nn.Module):
         return self.modulate(
             out, scale if lay.num_gates else None, shift if lay.num_shifts else None
         )
+
+    def _mix(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
+        """Per-atom routing: each node's multipliers and additive terms are the weighted mix of
+        every adapter's (an adapter without a gate here contributes 1 and 0, as the base)."""
+        mixture = route.mixture
+        weights = mixture.weights()
+        lay = self.layout
+        # the base's share (rows no adapter covers, and adapters not gating this linear)
+        rest = 1.0 - weights.sum(dim=1, keepdim=True)
+        scale = rest.expand(-1, lay.num_gates) if lay.num_gates else None
+        shift = None
+        scalars = self.scalars(x)
+        grades = []
+        for k, name in enumerate(mixture.names):
+            w = weights[:, k : k + 1]
+            if name not in self.gates:
+                scale = None if scale is None else scale + w
+                continue
+            gate = self.gates[name]
+            sink: list[torch.Tensor] | None = [] if route.extrapolation is not None else None
+            s, a = gate.heads(gate.bottleneck(scalars), sink)
+            if sink:
+                grades.append(sink[0] * w.detach().squeeze(1))
+            if s is not None:
+                scale = scale + w * s
+            if a is not None:
+                shift = w * a if shift is None else shift + w * a
+        if grades and route.extrapolation is not None:
+            route.extrapolation.append(torch.stack(grades).sum(dim=0))
+        return self.modulate(out, scale, shift)
 
 
 def _head(head: torch.nn.Linear | None, rank: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -517,7 +609,10 @@ class FrozenMMEALinear(torch.nn.Module):
         tensors["gate_weight"], tensors["gate_bias"] = _head(gate.gate, rank, weight)
         tensors["shift_weight"], tensors["shift_bias"] = _head(gate.shift, rank, weight)
         self.has_range: bool = gate.calibrated
+        self.has_logit_range: bool = gate.logit_low is not None
+        self.fade_scale: float = float(gate.fade_scale)
         keys = ("range_low", "range_high", "range_width", "_inv_span", "_inv_width")
+        keys += ("logit_low", "logit_high", "logit_width")
         for key in keys:  # empty when not calibrated
             value = getattr(gate, key)
             name = key if not key.startswith("_") else "range" + key
@@ -552,13 +647,15 @@ class FrozenMMEALinear(torch.nn.Module):
                 self.range_inv_span,
                 self.range_inv_width,
             )
-            weight = fade(excess_squared).unsqueeze(1)
+            weight = fade(excess_squared, self.fade_scale).unsqueeze(1)
         u = torch.nn.functional.silu(u)
         n = out.shape[0]
         if self.has_scale:
             logits = torch.nn.functional.linear(u, self.gate_weight, self.gate_bias)
             if self.bounded:
                 logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+            if self.has_logit_range:
+                logits = saturate(logits, self.logit_low, self.logit_high, self.logit_width)
             logits = logits * weight
             scale = torch.exp(logits) if self.phi_exp else 1.0 + logits
             ones = torch.ones(n, 1, dtype=out.dtype, device=out.device)

@@ -27,7 +27,8 @@ from mmea_calc.data import (
 )
 from mmea_calc.errors import ConfigError, ExtrapolationError, NonFiniteResultError
 from mmea_calc.model import ADAPTER_INDEX_KEY, AdaptedModel
-from mmea_calc.selection import TAG_KEY, AdapterSelector, Choice, Select
+from mmea_calc.routing import DEFAULT_SHARPNESS
+from mmea_calc.selection import PER_ATOM, TAG_KEY, AdapterSelector, Choice, Select
 
 __all__ = ["MMEACalculator"]
 
@@ -61,7 +62,7 @@ class _Prepared:
     """Per-composition state: rebuilt only when numbers, pbc, tag or the model change."""
 
     choice: Choice
-    node_index: torch.Tensor
+    node_index: torch.Tensor | None  # None: per-atom routing
 
 
 class MMEACalculator(Calculator):
@@ -73,10 +74,12 @@ class MMEACalculator(Calculator):
             (used as is, with the adapters it holds).
         adapters: adapter directories (a path, a list, or ``{name: path}``), or ``"embedded"``
             for every adapter shipped with the package; all must match the base's fingerprint.
-        select: ``"auto"`` (by elements, then descriptor router), an adapter name, ``None`` or
-            ``"base"`` for the bare base, or a callable ``atoms -> name | None``. ``"auto"``
-            and a callable are asked once per composition (atomic numbers and pbc) and their
-            answer is kept; ``atoms.info["mmea_adapter"]`` overrides them per structure.
+        select: ``"auto"`` (by elements, then descriptor router), an adapter name,
+            ``"per-atom"`` (every atom mixes the loaded adapters with weights from its own
+            neighbourhood, smoothly: :mod:`mmea_calc.routing`), ``None`` or ``"base"`` for the
+            bare base, or a callable ``atoms -> name | None``. ``"auto"`` and a callable are
+            asked once per composition (atomic numbers and pbc) and their answer is kept;
+            ``atoms.info["mmea_adapter"]`` overrides them per structure.
         device: torch device. ``None`` (default): the CPU for files, where a given module
             already is. A given module is moved only when a device is given.
         default_dtype: ``"float64"`` or ``"float32"``. ``None`` (default): float64 for files,
@@ -88,17 +91,23 @@ class MMEACalculator(Calculator):
             extrapolation grade exceeds ``extrapolation_threshold``.
         extrapolation_threshold: grade above which a structure counts as extrapolating
             (default 1.0: an activation one range-width beyond what training saw).
+        routing_sharpness: exponent of per-atom routing's weights, ``w ~ (1 + s)^-sharpness``
+            with ``s`` an atom's mean squared z-score against an adapter's training atoms
+            (default 4: higher is closer to a hard split, lower blends more).
         label, directory, atoms, restart, ignore_bad_restart_file: as for any ASE calculator.
             Any other keyword raises ``TypeError``.
 
     ``results["adapter"]`` names the adapter that served the last calculation (``None`` for the
-    base), ``results["adapter_distance"]`` the router's out-of-domain score when auto selection
-    ran, and ``results["adapter_extrapolation"]`` the structure's extrapolation grade: how far
-    the most extreme gate input lies outside the range the adapter's training data spanned, in
-    units of that range's width (0 inside; ``None`` for the base or an adapter without recorded
-    ranges). It comes from the same forward pass, like the extrapolation grades of ACE
-    potentials: in-distribution frames stay well below 1, compressed or rattled ones reach
-    1 to 1e4. Active-learning loops can harvest the frames above the threshold.
+    base, ``"per-atom"`` for per-atom routing, which adds ``results["adapter_weights"]``,
+    ``[n_atoms, n_adapters]`` with columns in :attr:`adapter_names` order and rows summing to 1,
+    or to 0 for atoms on the base), ``results["adapter_distance"]`` the router's out-of-domain
+    score when auto selection ran, and ``results["adapter_extrapolation"]`` the structure's
+    extrapolation grade: how far the most extreme gate input lies outside the range the
+    adapter's training data spanned, in units of that range's width (0 inside; ``None`` for
+    the base or an adapter without recorded ranges). It comes from the same forward pass,
+    like the extrapolation grades of ACE potentials: in-distribution frames stay well below 1,
+    compressed or rattled ones reach 1 to 1e4. Active-learning loops can harvest the frames
+    above the threshold.
     Results are recomputed whenever the atoms, the selection rule or the model (adapters
     loaded or deleted, E0 corrections set) change.
 
@@ -133,12 +142,13 @@ class MMEACalculator(Calculator):
         on_unknown: str = "error",
         on_extrapolation: str = "ignore",
         extrapolation_threshold: float = 1.0,
+        routing_sharpness: float = DEFAULT_SHARPNESS,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(set(kwargs) - set(_ASE_KEYWORDS))
         if unknown:
             valid = ["base", "adapters", "select", "device", "default_dtype", "on_unknown"]
-            valid += ["on_extrapolation", "extrapolation_threshold"]
+            valid += ["on_extrapolation", "extrapolation_threshold", "routing_sharpness"]
             raise TypeError(
                 f"MMEACalculator got unexpected keyword arguments {unknown}; valid: "
                 f"{valid + list(_ASE_KEYWORDS)}"
@@ -152,6 +162,9 @@ class MMEACalculator(Calculator):
             raise ConfigError(
                 f"extrapolation_threshold must be > 0, got {extrapolation_threshold!r}"
             )
+        if not routing_sharpness > 0:
+            raise ConfigError(f"routing_sharpness must be > 0, got {routing_sharpness!r}")
+        self.routing_sharpness = float(routing_sharpness)
         self.on_extrapolation = on_extrapolation
         self.extrapolation_threshold = float(extrapolation_threshold)
         Calculator.__init__(self, **kwargs)
@@ -187,7 +200,8 @@ class MMEACalculator(Calculator):
         return self.model.adapter_names
 
     def set_adapter(self, name: str | None) -> None:
-        """Serve every structure with adapter ``name`` (``None``/``"base"``: the bare base)."""
+        """Serve every structure with adapter ``name`` (``None``/``"base"``: the bare base;
+        ``"per-atom"``: per-atom routing)."""
         self.selector.select = name
         self.reset()
 
@@ -218,7 +232,11 @@ class MMEACalculator(Calculator):
         return changes
 
     # ------------------------------------------------------------------ evaluation
-    def _node_index(self, choices: Sequence[Choice], sizes: Sequence[int]) -> torch.Tensor:
+    def _node_index(self, choices: Sequence[Choice], sizes: Sequence[int]) -> torch.Tensor | None:
+        if any(c.name == PER_ATOM for c in choices):
+            if not all(c.name == PER_ATOM for c in choices):
+                raise RuntimeError("per-atom and per-structure choices in one forward call")
+            return None
         names = self.model.adapter_names
         per_graph = [-1 if c.name is None else names.index(c.name) for c in choices]
         index = torch.tensor(per_graph, dtype=torch.long).repeat_interleave(torch.tensor(sizes))
@@ -239,7 +257,10 @@ class MMEACalculator(Calculator):
         data = collate(graphs, dtype=self.dtype, device=self.device)
         if node_index is None:
             node_index = self._node_index(choices, [len(a) for a in atoms_list])
-        data[ADAPTER_INDEX_KEY] = node_index
+        if node_index is None:
+            self.model.route_per_atom(data, sharpness=self.routing_sharpness)
+        else:
+            data[ADAPTER_INDEX_KEY] = node_index
         out = self.model(data, compute_stress=stress, training=False)
         result = {
             "energy": out["energy"].detach().cpu().to(torch.float64).numpy(),
@@ -252,6 +273,9 @@ class MMEACalculator(Calculator):
         if out.get("adapter_extrapolation") is not None:
             grade = out["adapter_extrapolation"].detach().cpu().to(torch.float64).numpy()
             result["extrapolation"] = grade
+        if out.get("adapter_weights") is not None:
+            weights = out["adapter_weights"].detach().cpu().to(torch.float64).numpy()
+            result["adapter_weights"] = weights
         _check_finite(result, atoms_list, choices)
         return result
 
@@ -269,12 +293,15 @@ class MMEACalculator(Calculator):
         }
         if "stress" in raw:
             results["stress"] = full_3x3_to_voigt_6_stress(raw["stress"][i])
+        if "adapter_weights" in raw:
+            results["adapter_weights"] = raw["adapter_weights"][start:stop].copy()
         return results
 
     def _extrapolation(self, raw: dict[str, np.ndarray], i: int, choice: Choice) -> float | None:
         if choice.name is None or "extrapolation" not in raw:
             return None
-        if not self.model.is_calibrated(choice.name):
+        served = self.model.adapter_names if choice.name == PER_ATOM else [choice.name]
+        if not any(self.model.is_calibrated(name) for name in served):
             return None
         grade = float(raw["extrapolation"][i])
         if grade > self.extrapolation_threshold and self.on_extrapolation != "ignore":
@@ -347,11 +374,16 @@ class MMEACalculator(Calculator):
             self._stress_for(atoms, properties, where=f" (structure {i})")
             choices.append(self.choose(atoms))
         stress = "stress" in properties  # a batch computes what it is asked for
-        results: list[dict[str, Any]] = []
-        for chunk in _chunks([len(a) for a in atoms_list], max_atoms):
-            group = [atoms_list[i] for i in chunk]
-            raw = self._run(group, [choices[i] for i in chunk], stress)
-            results += [self._results_of(raw, j, choices[i]) for j, i in enumerate(chunk)]
+        results: list[dict[str, Any] | None] = [None] * len(atoms_list)
+        # per-atom and per-structure routing run in separate forward calls
+        for per_atom in (False, True):
+            indices = [i for i, c in enumerate(choices) if (c.name == PER_ATOM) == per_atom]
+            for chunk in _chunks([len(atoms_list[i]) for i in indices], max_atoms):
+                members = [indices[k] for k in chunk]
+                group = [atoms_list[i] for i in members]
+                raw = self._run(group, [choices[i] for i in members], stress)
+                for j, i in enumerate(members):
+                    results[i] = self._results_of(raw, j, choices[i])
         return results
 
 

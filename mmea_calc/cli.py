@@ -90,7 +90,8 @@ def _bound(text: str) -> float | None:
 
 def _add_calibrate(sub: Any) -> None:
     p = sub.add_parser(
-        "calibrate", help="record an adapter's gate ranges on its training data (older files)"
+        "calibrate",
+        help="record an adapter's gate ranges and routing statistics on its training data",
     )
     p.add_argument("adapter", help="adapter directory (rewritten in place, atomically)")
     p.add_argument("--base", required=True, help="the base model the adapter was trained on")
@@ -488,7 +489,9 @@ def _info_text(info: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- calibrate
 def _cmd_calibrate(args: argparse.Namespace, stdout: TextIO) -> int:
     from mmea_calc import AdaptedModel
+    from mmea_calc.data import read_atoms
     from mmea_calc.errors import UncalibratedAdapterWarning
+    from mmea_calc.selection import describe_environment
     from mmea_calc.train import calibrate_adapter
 
     model = AdaptedModel(args.base, dtype=args.dtype)
@@ -496,9 +499,11 @@ def _cmd_calibrate(args: argparse.Namespace, stdout: TextIO) -> int:
         warnings.simplefilter("ignore", UncalibratedAdapterWarning)
         name = model.load_adapter(args.adapter)
     ranges = calibrate_adapter(model, name, args.data)
-    model.save_adapter(name, args.adapter)
-    print(f"recorded gate ranges of {len(ranges)} linears of adapter {name!r} in {args.adapter}",
-          file=stdout)  # fmt: skip
+    # the environment (auto selection, per-atom routing statistics) from the same data
+    environment = describe_environment(model, read_atoms(args.data))
+    model.save_adapter(name, args.adapter, environment=environment)
+    print(f"recorded gate ranges of {len(ranges)} linears and the neighbourhood statistics of "
+          f"adapter {name!r} in {args.adapter}", file=stdout)  # fmt: skip
     return 0
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "has_stress",
     "label_structures",
     "labelled_graphs",
+    "read_atoms",
     "read_structures",
     "reference_values",
     "split_structures",
@@ -254,6 +255,20 @@ def read_structures(
     if isinstance(structures, ase.Atoms):
         structures = [structures]
     return label_structures(structures, keys, atomic_numbers=atomic_numbers, source=repr(str(path)))
+
+
+def read_atoms(structures: str | os.PathLike | Sequence[ase.Atoms]) -> list[ase.Atoms]:
+    """``structures`` as a list (no labels needed): read with ASE when it is a path; a missing
+    or unreadable file raises :class:`~mmea_calc.errors.DataError` naming it."""
+    if not isinstance(structures, str | os.PathLike):
+        return list(structures)
+    path = Path(structures)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    try:
+        return ase.io.read(path, index=":")
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise DataError(f"could not read {str(path)!r} with ASE: {exc}") from exc
 
 
 def has_stress(structures: Sequence[ase.Atoms]) -> bool:

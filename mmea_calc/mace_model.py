@@ -87,6 +87,32 @@ def atomic_energies(model: torch.nn.Module) -> torch.Tensor:
     return model.atomic_energies_fn.atomic_energies
 
 
+def radial_features(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The base's radial embedding of every edge, ``[n_edges, n_radial]``, from ``data``.
+
+    Computed as mace's forward computes it (``get_edge_vectors_and_lengths`` on
+    ``data["positions"]``/``data["shifts"]``, then ``model.radial_embedding``, cutoff envelope
+    included), so inside a forward call, after mace's ``prepare_graph`` has written the strained
+    positions and shifts back into ``data``, the result carries the gradients that forces and
+    stress need. Adapters never change it.
+    """
+    _, lengths = mace.modules.utils.get_edge_vectors_and_lengths(
+        positions=data["positions"], edge_index=data["edge_index"], shifts=data["shifts"]
+    )
+    radial = model.radial_embedding(
+        lengths, data["node_attrs"], data["edge_index"], model.atomic_numbers
+    )
+    radial, cutoff = radial if isinstance(radial, tuple) else (radial, None)
+    return radial if cutoff is None else radial * cutoff
+
+
+def node_energy_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is (a term of) each node's interaction energy before it is summed
+    and differentiated: ``scale_shift`` of a ScaleShiftMACE, else the last readout. A forward
+    hook adding a per-node term to its output adds it to the energy, forces and stress."""
+    return model.scale_shift if hasattr(model, "scale_shift") else model.readouts[-1]
+
+
 def float_dtype_name(model: torch.nn.Module) -> str:
     """``"float32"`` or ``"float64"``: the one floating dtype of the model's parameters."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from mmea_calc._deps import e3nn_jit, o3
-from mmea_calc.adapter import PHI_CHOICES, RANGE_MARGIN, FrozenMMEALinear, MMEALayer, Route
+from mmea_calc.adapter import (
+    FADE_SCALE,
+    PHI_CHOICES,
+    RANGE_MARGIN,
+    FrozenMMEALinear,
+    Mixture,
+    MMEALayer,
+    Route,
+)
 from mmea_calc.base import load_base
 from mmea_calc.errors import (
     AdapterExistsError,
@@ -39,17 +47,31 @@ from mmea_calc.errors import (
 )
 from mmea_calc.identity import base_info
 from mmea_calc.io import read_adapter_dir, write_adapter_dir
-from mmea_calc.mace_model import atomic_energies
+from mmea_calc.mace_model import atomic_energies, node_energy_module
+from mmea_calc.routing import (
+    DEFAULT_SHARPNESS,
+    NeighbourhoodStatistics,
+    mixture_tables,
+    mixture_weights,
+    neighbourhood_descriptor,
+)
 
-__all__ = ["ADAPTER_INDEX_KEY", "AdaptedModel", "MMEAConfig"]
+__all__ = ["ADAPTER_INDEX_KEY", "PER_ATOM_KEY", "SHARPNESS_KEY", "AdaptedModel", "MMEAConfig"]
 
 logger = logging.getLogger(__name__)
 
 #: Graph-dict key of the per-node adapter index (into ``AdaptedModel.adapter_names``; -1 = base).
 ADAPTER_INDEX_KEY = "mmea_adapter_index"
+#: Graph-dict key of per-atom routing: the indices (into ``adapter_names``) of the adapters every
+#: node mixes with its own weights (:mod:`mmea_calc.routing`); see :meth:`AdaptedModel.route`.
+PER_ATOM_KEY = "mmea_per_atom_adapters"
+#: Graph-dict key of per-atom routing's sharpness (a 0-d tensor; default ``DEFAULT_SHARPNESS``).
+SHARPNESS_KEY = "mmea_routing_sharpness"
 BASE_NAMES = (None, "base")
 #: Calibrated ranges are widened by this fraction of their width (at least of 1.0) per side.
 CALIBRATION_SLACK = 1e-6
+#: The fade scale of files calibrated before logit ranges and ``gate_fade_scale`` existed.
+LEGACY_FADE_SCALE = 1.0
 
 
 @dataclass
@@ -183,6 +205,7 @@ class AdaptedModel(torch.nn.Module):
         self._revision = 0
         self._base_info: dict[str, Any] | None = None
         self._e0_tables: dict[tuple, torch.Tensor] = {}
+        self._mixture_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     # ---------------------------------------------------------------- introspection
     @property
@@ -239,6 +262,7 @@ class AdaptedModel(torch.nn.Module):
     def _changed(self) -> None:
         self._revision += 1
         self._e0_tables.clear()
+        self._mixture_tables.clear()
 
     def _record(self, name: str) -> _AdapterRecord:
         if name not in self._records:
@@ -398,6 +422,7 @@ class AdaptedModel(torch.nn.Module):
         meta = record.metadata
         if environment is not None:
             meta["environment"] = dict(environment)
+            self._changed()  # per-atom routing reads the environment's statistics
         if training is not None:
             meta["training"] = dict(training)
         config = record.config
@@ -434,12 +459,17 @@ class AdaptedModel(torch.nn.Module):
         gates = self._gates(name)
         if not self.is_calibrated(name):
             return {"gate_ranges": None}
+        ranges = {}
+        for target, gate in gates.items():
+            ranges[target] = {"low": gate.range_low.tolist(), "high": gate.range_high.tolist()}
+            if gate.logit_low is not None:
+                ranges[target]["logit_low"] = gate.logit_low.tolist()
+                ranges[target]["logit_high"] = gate.logit_high.tolist()
+        meta = self._records[name].metadata
         return {
-            "gate_ranges": {
-                t: {"low": g.range_low.tolist(), "high": g.range_high.tolist()}
-                for t, g in gates.items()
-            },
-            "gate_range_margin": self._records[name].metadata.get("range_margin", RANGE_MARGIN),
+            "gate_ranges": ranges,
+            "gate_range_margin": meta.get("range_margin", RANGE_MARGIN),
+            "gate_fade_scale": meta.get("fade_scale", FADE_SCALE),
         }
 
     def set_gate_ranges(
@@ -447,9 +477,12 @@ class AdaptedModel(torch.nn.Module):
         name: str,
         ranges: Mapping[str, Mapping[str, Sequence[float]]] | None,
         margin: float = RANGE_MARGIN,
+        fade_scale: float = FADE_SCALE,
     ) -> None:
-        """Set (``None``: clear) the recorded bottleneck ranges of adapter ``name``'s gates,
-        ``{target: {"low": [...], "high": [...]}}`` (see :meth:`calibrate_adapter`)."""
+        """Set (``None``: clear) the recorded ranges of adapter ``name``'s gates, ``{target:
+        {"low": [...], "high": [...], "logit_low": [...], "logit_high": [...]}}`` (bottleneck
+        and, for gates with ``l > 0`` outputs, optionally logit ranges; see
+        :meth:`calibrate_adapter`), with the saturation ``margin`` and the ``fade_scale``."""
         gates = self._gates(name)
         if ranges is not None and set(ranges) != set(gates):
             raise ConfigError(
@@ -458,13 +491,20 @@ class AdaptedModel(torch.nn.Module):
         for target, gate in gates.items():
             if ranges is None:
                 gate.set_range(None, None)
-            else:
-                gate.set_range(
-                    torch.tensor(ranges[target]["low"]),
-                    torch.tensor(ranges[target]["high"]),
-                    margin,
-                )
+                continue
+            entry = ranges[target]
+            logits = None
+            if entry.get("logit_low") is not None:
+                logits = (torch.tensor(entry["logit_low"]), torch.tensor(entry["logit_high"]))
+            gate.set_range(
+                torch.tensor(entry["low"]),
+                torch.tensor(entry["high"]),
+                margin,
+                logits=logits,
+                fade_scale=fade_scale,
+            )
         self._records[name].metadata["range_margin"] = margin
+        self._records[name].metadata["fade_scale"] = fade_scale
         self._changed()
 
     def calibrate_adapter(
@@ -473,12 +513,15 @@ class AdaptedModel(torch.nn.Module):
         """Record what adapter ``name``'s bottlenecks spanned on ``batches`` (its training data).
 
         Every node of every batch (graph dicts, as MACE takes them) is served by this adapter;
-        per gate and bottleneck channel the minimum and maximum pre-activation are kept. From
-        then on the gates saturate smoothly outside those ranges (inside, nothing changes), and
-        forward calls report how far a structure lies outside them (``adapter_extrapolation``).
+        per gate and bottleneck channel the minimum and maximum pre-activation are kept, and per
+        gate logit (``l > 0`` outputs) its minimum and maximum. From then on bottlenecks and
+        logits saturate smoothly outside those ranges and the update fades with the distance
+        outside them (inside, nothing changes), and forward calls report that distance
+        (``adapter_extrapolation``).
 
         Returns:
-            The ranges, ``{target: {"low": [...], "high": [...]}}`` (also set on the gates).
+            The ranges, ``{target: {"low": [...], "high": [...], "logit_low": [...],
+            "logit_high": [...]}}`` (also set on the gates).
         """
         gates = self._gates(name)
         previous = self._ranges_document(name)
@@ -486,16 +529,24 @@ class AdaptedModel(torch.nn.Module):
         low: dict[str, torch.Tensor] = {}
         high: dict[str, torch.Tensor] = {}
 
-        def seen(target: str, module: Any, args: tuple, z: torch.Tensor) -> None:
+        def seen(key: str, module: Any, args: tuple, z: torch.Tensor) -> None:
             z = z.detach()
+            bound = gates[key[6:]].logit_bound if key.startswith("logit:") else None
+            if bound is not None:  # the logits as the heads use them (bounded)
+                z = bound * torch.tanh(z / bound)
             if z.shape[0] == 0:
                 return
             lo, hi = z.amin(dim=0), z.amax(dim=0)
-            low[target] = torch.minimum(low[target], lo) if target in low else lo
-            high[target] = torch.maximum(high[target], hi) if target in high else hi
+            low[key] = torch.minimum(low[key], lo) if key in low else lo
+            high[key] = torch.maximum(high[key], hi) if key in high else hi
 
         handles = [
             g.down.register_forward_hook(functools.partial(seen, t)) for t, g in gates.items()
+        ]
+        handles += [  # the logits
+            g.gate.register_forward_hook(functools.partial(seen, "logit:" + t))
+            for t, g in gates.items()
+            if g.gate is not None
         ]
         index = self.adapter_names.index(name)
         try:
@@ -503,22 +554,26 @@ class AdaptedModel(torch.nn.Module):
                 batch = dict(batch)
                 batch[ADAPTER_INDEX_KEY] = torch.full_like(batch["batch"], index)
                 self(batch, training=False, compute_force=False)
-            if set(low) != set(gates):
+            if not set(gates) <= set(low):
                 raise ConfigError(f"cannot calibrate adapter {name!r}: the data holds no atoms")
         except BaseException:  # a failed calibration leaves the adapter as it was
             margin_before = previous.get("gate_range_margin", RANGE_MARGIN)
-            self.set_gate_ranges(name, previous["gate_ranges"], margin_before)
+            fade_before = previous.get("gate_fade_scale", LEGACY_FADE_SCALE)
+            self.set_gate_ranges(name, previous["gate_ranges"], margin_before, fade_before)
             raise
         finally:
             for handle in handles:
                 handle.remove()
         # float slack: the same structure alone (another summation order in mace's message
         # passing) must not land a rounding error outside the range it was calibrated on
-        slack = {t: CALIBRATION_SLACK * (high[t] - low[t]).clamp_min(1.0) for t in gates}
-        ranges = {
-            t: {"low": (low[t] - slack[t]).tolist(), "high": (high[t] + slack[t]).tolist()}
-            for t in gates
-        }
+        slack = {k: CALIBRATION_SLACK * (high[k] - low[k]).clamp_min(1.0) for k in low}
+        ranges: dict[str, dict[str, list[float]]] = {}
+        for target in gates:
+            entry = ranges[target] = {}
+            for prefix, key in (("", target), ("logit_", "logit:" + target)):
+                if key in low:
+                    entry[prefix + "low"] = (low[key] - slack[key]).tolist()
+                    entry[prefix + "high"] = (high[key] + slack[key]).tolist()
         self.set_gate_ranges(name, ranges, margin)
         return ranges
 
@@ -568,7 +623,9 @@ class AdaptedModel(torch.nn.Module):
         if cfg.get("gate_ranges"):
             try:
                 margin = float(cfg.get("gate_range_margin", RANGE_MARGIN))
-                self.set_gate_ranges(name, cfg["gate_ranges"], margin)
+                # files calibrated before gate_fade_scale existed keep the scale they had
+                fade_scale = float(cfg.get("gate_fade_scale", LEGACY_FADE_SCALE))
+                self.set_gate_ranges(name, cfg["gate_ranges"], margin, fade_scale)
             except (ConfigError, KeyError, TypeError, ValueError) as exc:
                 self.delete_adapter(name)
                 raise AdapterFormatError(f"adapter {where}: bad gate_ranges: {exc}") from exc
@@ -631,11 +688,106 @@ class AdaptedModel(torch.nn.Module):
                 per_graph.append(index[name])
         per_graph_t = torch.tensor(per_graph, dtype=torch.long, device=data["batch"].device)
         data[ADAPTER_INDEX_KEY] = per_graph_t[data["batch"]]
+        data.pop(PER_ATOM_KEY, None)
+
+    def route_per_atom(
+        self,
+        data: dict[str, torch.Tensor],
+        adapters: Sequence[str] | None = None,
+        sharpness: float = DEFAULT_SHARPNESS,
+    ) -> None:
+        """Mark ``data`` for per-atom routing: every node mixes ``adapters`` (default: all)
+        with weights from its own neighbourhood (:mod:`mmea_calc.routing`). The forward output
+        then holds ``adapter_weights`` ``[n_nodes, len(adapter_names)]``."""
+        names = list(self.adapter_names if adapters is None else adapters)
+        if not names:
+            raise AdapterNotFoundError("per-atom routing needs at least one loaded adapter")
+        if not sharpness > 0:
+            raise ConfigError(f"the routing sharpness must be > 0, got {sharpness!r}")
+        for name in names:
+            self.neighbourhood_statistics(name)  # raises for adapters without statistics
+        device = data["batch"].device
+        index = [self.adapter_names.index(n) for n in names]
+        data[PER_ATOM_KEY] = torch.tensor(index, dtype=torch.long, device=device)
+        data[SHARPNESS_KEY] = torch.tensor(float(sharpness), dtype=torch.float64)
+        data.pop(ADAPTER_INDEX_KEY, None)
+
+    def neighbourhood_statistics(self, name: str) -> dict[int, tuple[list[float], list[float]]]:
+        """``{atomic number: (mean, std)}`` of adapter ``name``'s per-atom routing descriptor
+        over its training atoms, from its environment (``environment["neighbourhood"]``)."""
+        environment = self.adapter_metadata(name).get("environment") or {}
+        document = environment.get("neighbourhood")
+        if document is None:
+            raise ConfigError(
+                f"adapter {name!r} holds no neighbourhood statistics, which per-atom routing "
+                "needs (adapters trained before mmea_calc 0.3 lack them); record them from its "
+                "training data with `mmea-calc calibrate ADAPTER_DIR --base BASE --data "
+                "TRAIN.xyz`"
+            )
+        radial = int(self.base_model.radial_embedding.out_dim)
+        dim = radial * len(self.base_info["atomic_numbers"])
+        return NeighbourhoodStatistics.check(document, dim, f"adapter {name!r}")
+
+    def _tables(self, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> tuple:
+        key = (names, dtype, device)
+        if key not in self._mixture_tables:
+            stats = [self.neighbourhood_statistics(n) for n in names]
+            zs = self.base_info["atomic_numbers"]
+            dim = len(next(iter(stats[0].values()))[0])
+            self._mixture_tables[key] = mixture_tables(stats, zs, dim, dtype, device)
+        return self._mixture_tables[key]
+
+    def _mixture_route(self, data: dict[str, Any], per_atom: torch.Tensor) -> Route:
+        if data.get(ADAPTER_INDEX_KEY) is not None:
+            raise ConfigError(
+                f"the graph dict holds both {ADAPTER_INDEX_KEY} and {PER_ATOM_KEY}: route a "
+                "call either per structure or per atom"
+            )
+        names_all = self.adapter_names
+        indices = per_atom.tolist()
+        if not indices or min(indices) < 0 or max(indices) >= len(names_all):
+            raise AdapterNotFoundError(
+                f"{PER_ATOM_KEY} holds indices {indices}; valid are 0..{len(names_all) - 1} "
+                f"(adapters {names_all})"
+            )
+        names = tuple(names_all[i] for i in indices)
+        attrs = data["node_attrs"]
+        tables = self._tables(names, attrs.dtype, attrs.device)
+        element = attrs.argmax(dim=1)
+        sharpness = float(data.get(SHARPNESS_KEY, DEFAULT_SHARPNESS))
+
+        def compute() -> torch.Tensor:
+            descriptors = neighbourhood_descriptor(self.base_model, data)
+            return mixture_weights(descriptors, element, tables, sharpness)
+
+        slots = tuple((name, None) for name in names)
+        return Route(int(attrs.shape[0]), slots, mixture=Mixture(names, compute))
+
+    def _mixture_energy_hook(self, data: Mapping[str, Any], route: Route) -> Any:
+        """A forward hook adding each node's weighted E0 correction to its interaction energy,
+        so that forces and stress include the weights' gradient (``None``: no corrections)."""
+        names = route.mixture.names
+        if not any(self._records[n].e0s for n in names):
+            return None
+        attrs = data["node_attrs"]
+        rows = [self.adapter_names.index(n) + 1 for n in names]
+        table = self._e0_table(attrs.dtype, attrs.device)[rows]  # [K, n_el]
+        per_node = table[:, attrs.argmax(dim=1)].transpose(0, 1)  # [n, K]
+        mixture = route.mixture
+
+        def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            shift = (mixture.weights() * per_node).sum(dim=1)
+            return output + shift.view(-1, *([1] * (output.dim() - 1)))
+
+        return hook
 
     def _route(self, data: Mapping[str, Any]) -> Route | None:
         """The route of one call: from ``data[ADAPTER_INDEX_KEY]`` or the active adapter."""
         if self._disabled:
             return None
+        per_atom = data.get(PER_ATOM_KEY)
+        if per_atom is not None:
+            return self._mixture_route(data, per_atom)
         num_nodes = int(data["node_attrs"].shape[0])
         node_index = data.get(ADAPTER_INDEX_KEY)
         if node_index is None:
@@ -688,13 +840,18 @@ class AdaptedModel(torch.nn.Module):
             for t in self._records[n].targets
         )
         if any(calibrated):  # collect how far the nodes lie outside the gates' ranges
-            route = Route(route.num_nodes, route.slots, extrapolation=[])
+            route = Route(route.num_nodes, route.slots, extrapolation=[], mixture=route.mixture)
         handles = []
         try:
             for target in targets:
                 layer = self.mmea_layers[_layer_key(target)]
                 hook = functools.partial(_hook, layer, route)
                 handles.append(self._linears[target].register_forward_hook(hook))
+            if route.mixture is not None:
+                energy_hook = self._mixture_energy_hook(data, route)
+                if energy_hook is not None:
+                    module = node_energy_module(self.base_model)
+                    handles.append(module.register_forward_hook(energy_hook))
             out = self.base_model(data, **kwargs)
         finally:
             for handle in handles:
@@ -702,6 +859,15 @@ class AdaptedModel(torch.nn.Module):
         if route.extrapolation:
             out = dict(out)
             out["adapter_extrapolation"] = _per_graph_max(route.extrapolation, data).sqrt()
+        if route.mixture is not None:
+            out = dict(out)
+            with torch.no_grad():
+                weights = route.mixture.weights().detach()
+            columns = [self.adapter_names.index(n) for n in route.mixture.names]
+            full = weights.new_zeros(weights.shape[0], len(self.adapter_names))
+            columns_t = torch.tensor(columns, dtype=torch.long, device=weights.device)
+            out["adapter_weights"] = full.index_copy(1, columns_t, weights)
+            return out
         shift = self._e0_shift(data, route)
         if shift is not None:
             out = dict(out)

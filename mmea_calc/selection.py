@@ -26,20 +26,25 @@ from mmea_calc.data import atoms_to_graph, collate
 from mmea_calc.errors import AdapterNotFoundError, ConfigError, NoCandidateAdapterError
 from mmea_calc.identity import base_info
 from mmea_calc.mace_model import invariant_feature_index
+from mmea_calc.routing import NeighbourhoodStatistics, neighbourhood_descriptor
 
 __all__ = [
+    "PER_ATOM",
     "TAG_KEY",
     "AdapterSelector",
     "Choice",
     "describe_environment",
     "descriptor_distance",
     "invariant_descriptors",
+    "neighbourhood_statistics",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: ``atoms.info`` key that names the adapter for that structure (wins over automatic choice).
 TAG_KEY = "mmea_adapter"
+#: ``select`` value (and ``Choice.name``) of per-atom routing (:mod:`mmea_calc.routing`).
+PER_ATOM = "per-atom"
 _STD_FLOOR = 1e-2  # fraction of the element's mean std used as a floor for each feature's std
 
 
@@ -72,16 +77,39 @@ def invariant_descriptors(
     return result
 
 
+def neighbourhood_statistics(
+    model: Any, atoms_list: Sequence[ase.Atoms], batch_size: int = 16
+) -> dict[str, Any]:
+    """Per-element mean/std of the per-atom routing descriptor
+    (:func:`mmea_calc.routing.neighbourhood_descriptor`) over ``atoms_list``, JSON-ready."""
+    module = getattr(model, "base_model", model)
+    info = getattr(model, "base_info", None) or base_info(module)
+    dtype = next(module.parameters()).dtype
+    device = next(module.parameters()).device
+    stats = None
+    zs = torch.tensor(info["atomic_numbers"])
+    with torch.no_grad():
+        for start in range(0, len(atoms_list), batch_size):
+            chunk = atoms_list[start : start + batch_size]
+            data = collate([atoms_to_graph(a, info) for a in chunk], dtype=dtype, device=device)
+            descriptors = neighbourhood_descriptor(module, data)
+            stats = stats or NeighbourhoodStatistics(descriptors.shape[1])
+            stats.add(descriptors, zs[data["node_attrs"].argmax(dim=1).cpu()])
+    return stats.to_dict()
+
+
 def describe_environment(model: Any, atoms_list: Sequence[ase.Atoms]) -> dict[str, Any]:
-    """The environment description an adapter stores for automatic selection.
+    """The environment description an adapter stores for automatic selection and per-atom
+    routing.
 
     Args:
         model: a base MACE module or an :class:`~mmea_calc.AdaptedModel` (its bare base is used).
         atoms_list: the structures that define the environment (usually the training set).
 
     Returns:
-        JSON-ready dict: elements, atomic numbers, structure count, periodic fraction and
-        per-element descriptor mean/std/count.
+        JSON-ready dict: elements, atomic numbers, structure count, periodic fraction,
+        per-element descriptor mean/std/count (``descriptor``, for ``select="auto"``) and the
+        per-atom routing statistics (``neighbourhood``, :func:`neighbourhood_statistics`).
     """
     if len(atoms_list) == 0:
         raise ConfigError("describe_environment needs at least one structure")
@@ -103,6 +131,7 @@ def describe_environment(model: Any, atoms_list: Sequence[ase.Atoms]) -> dict[st
         "n_structures": len(atoms_list),
         "periodic_fraction": float(np.mean([a.pbc.all() for a in atoms_list])),
         "descriptor": {"dim": int(feats.shape[1]), "per_element": per_element},
+        "neighbourhood": neighbourhood_statistics(model, list(atoms_list)),
     }
 
 
@@ -136,7 +165,8 @@ def descriptor_distance(
 
 @dataclass(frozen=True)
 class Choice:
-    """An adapter choice: ``name`` (``None`` = base), how it was made, router distance if any."""
+    """An adapter choice: ``name`` (``None`` = base, :data:`PER_ATOM` = every atom its own
+    mix), how it was made, router distance if any."""
 
     name: str | None
     reason: str
@@ -151,7 +181,9 @@ class AdapterSelector:
 
     Args:
         model: the :class:`~mmea_calc.AdaptedModel` whose adapters are chosen from.
-        select: ``"auto"``, an adapter name, ``None``/``"base"``, or ``atoms -> name | None``.
+        select: ``"auto"``, an adapter name, ``"per-atom"`` (every atom mixes the loaded
+            adapters by its own neighbourhood, :mod:`mmea_calc.routing`), ``None``/``"base"``,
+            or ``atoms -> name | None``.
             ``"auto"`` and a callable are asked once per composition (atomic numbers and pbc)
             and their answer is kept, so an MD trajectory never switches adapter;
             :meth:`reselect` forgets the answers.
@@ -191,8 +223,8 @@ class AdapterSelector:
             self._check_name(value)
         elif not (value is None or isinstance(value, str) or callable(value)):
             raise ConfigError(
-                f"select={value!r} is not valid; use 'auto', an adapter name, None/'base', "
-                "or a callable atoms -> name"
+                f"select={value!r} is not valid; use 'auto', an adapter name, 'per-atom', "
+                "None/'base', or a callable atoms -> name"
             )
         self._select = value
         self.reselect()
@@ -205,6 +237,12 @@ class AdapterSelector:
     def _check_name(self, name: str | None) -> str | None:
         if name in (None, "base"):
             return None
+        if name == PER_ATOM:
+            for adapter in self.model.adapter_names or [None]:
+                if adapter is None:
+                    raise AdapterNotFoundError("per-atom routing needs loaded adapters; none are")
+                self.model.neighbourhood_statistics(adapter)  # a clear error if absent
+            return name
         if name not in self.model.adapter_names:
             raise AdapterNotFoundError(
                 f"no adapter named {name!r}; loaded adapters: {self.model.adapter_names or 'none'}"
@@ -218,17 +256,39 @@ class AdapterSelector:
             self._cache.clear()
         tag = atoms.info.get(TAG_KEY)
         if tag is not None:
-            return Choice(self._check_name(str(tag)), "tag")
+            return self._checked(Choice(self._check_name(str(tag)), "tag"), atoms)
         if not callable(self._select) and self._select != "auto":
-            return Choice(self._check_name(self._select), "explicit")
+            return self._checked(Choice(self._check_name(self._select), "explicit"), atoms)
         key = (atoms.numbers.tobytes(), tuple(bool(p) for p in atoms.pbc))
         if key not in self._cache:
             if callable(self._select):
                 choice = Choice(self._check_name(self._select(atoms)), "callable")
+                choice = self._checked(choice, atoms)
             else:
                 choice = self._auto(atoms)
             self._cache[key] = choice
         return self._cache[key]
+
+    def _checked(self, choice: Choice, atoms: ase.Atoms) -> Choice:
+        """A per-atom choice, after checking that some adapter covers every element."""
+        if choice.name != PER_ATOM:
+            return choice
+        covered = set()
+        for name in self.model.adapter_names:
+            covered |= set(self.model.neighbourhood_statistics(name))
+        missing = sorted({int(z) for z in atoms.numbers} - covered)
+        if not missing:
+            return choice
+        symbols = [ase.data.chemical_symbols[z] for z in missing]
+        message = (
+            f"per-atom routing: no adapter's training data held {symbols} (in "
+            f"{atoms.get_chemical_formula()}); adapters cover "
+            f"{sorted(ase.data.chemical_symbols[z] for z in covered)}"
+        )
+        if self.on_unknown == "base":
+            logger.warning("%s; those atoms run the bare base (on_unknown='base')", message)
+            return choice
+        raise NoCandidateAdapterError(message + "; pass on_unknown='base' to run them on the base")
 
     def _environment(self, name: str) -> Mapping[str, Any] | None:
         return self.model.adapter_metadata(name).get("environment")

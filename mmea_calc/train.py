@@ -45,6 +45,7 @@ from mmea_calc.data import (
     has_stress,
     label_structures,
     labelled_graphs,
+    read_atoms,
     read_structures,
     reference_values,
     split_structures,
@@ -575,14 +576,7 @@ def calibrate_adapter(
         >>> sorted(ranges)[0], len(ranges["interactions.0.linear"]["low"])
         ('interactions.0.linear', 2)
     """
-    if isinstance(structures, str | os.PathLike):
-        path = Path(structures)
-        if not path.is_file():
-            raise DataError(f"data file {str(path)!r} does not exist")
-        try:
-            structures = ase.io.read(path, index=":")
-        except Exception as exc:  # ASE raises many types for unreadable files
-            raise DataError(f"could not read {str(path)!r} with ASE: {exc}") from exc
+    structures = read_atoms(structures)
     info = model.base_info
     graphs = [atoms_to_graph(atoms, info) for atoms in structures]
     if not graphs:

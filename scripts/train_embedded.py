@@ -10,13 +10,15 @@ Stages (``--stage``; ``all`` runs them in order):
   convert-base build/embedded/base.model mmea_calc/embedded/base --overwrite``);
 * ``adapters``: rank-16 MMEA adapters trained with ``mmea-calc finetune`` (subprocesses in
   parallel, sharing ``--threads``) on liquid water and on hot aspirin (plus the distorted aspirin
-  frames, ``aspirin_distorted_*.xyz``, when ``--data`` has them), written to
+  frames with σ <= ``--max-distortion``, ``aspirin_distorted_*.xyz``, when ``--data`` has
+  them), written to
   ``mmea_calc/embedded/adapters/{water,aspirin}``. The base is ``--base``: by default the
   package's shipped base (``mmea_calc/embedded/base``), so a fresh checkout can retrain the
   adapters without the ``base`` stage;
 * ``eval``: ``mmea-calc eval --json -`` of the base and of each adapter on each environment's
-  held-out test split (and on the distorted aspirin test split when present), and an auto-selection check with ``MMEACalculator(select="auto")`` on those
-  held-out frames; written to ``benchmarks/results/embedded.json``.
+  held-out test split (and on the distorted aspirin test split when present), and an
+  auto-selection check with ``MMEACalculator(select="auto")`` on those held-out frames; written
+  to ``benchmarks/results/embedded.json``.
 
 Data come from ``scripts/make_xtb_data.py`` (``data/``). Usage::
 
@@ -53,6 +55,7 @@ REPRODUCE = [
     "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets water --water-frames 48 "
     "--n-test 20 --n-valid 6 --out data",
     "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets aspirin_distorted --out data",
+    "OMP_NUM_THREADS=1 python scripts/make_xtb_data.py --sets solvated --out data",
     "python scripts/train_embedded.py --stage base --epochs 60 --threads 2",
     "mmea-calc convert-base build/embedded/base.model mmea_calc/embedded/base --overwrite",
     "python scripts/train_embedded.py --stage adapters --envs aspirin --adapter-epochs 60 "
@@ -209,9 +212,17 @@ def training_files(env: str, args: argparse.Namespace) -> tuple[Path, Path]:
         extra = args.data / f"{env}_distorted_{part}.xyz"
         if extra.is_file():
             joined = args.build / f"{env}_with_distorted_{part}.xyz"
-            frames = ase.io.read(path, ":") + ase.io.read(extra, ":")
+            distorted = [
+                a
+                for a in ase.io.read(extra, ":")
+                if a.info.get("sigma_A", 0.0) <= args.max_distortion + 1e-9
+            ]
+            frames = ase.io.read(path, ":") + distorted
             ase.io.write(joined, frames, format="extxyz")
-            print(f"{joined}: {len(frames)} frames ({path.name} + {extra.name})")
+            print(
+                f"{joined}: {len(frames)} frames ({path.name} + {len(distorted)} of "
+                f"{extra.name} with σ <= {args.max_distortion} Å)"
+            )
             path = joined
         files.append(path)
     return files[0], files[1]
@@ -359,6 +370,12 @@ def main() -> None:
         default=list(ENVIRONMENTS),
         choices=ENVIRONMENTS,
         help="adapters to train (stage adapters)",
+    )
+    parser.add_argument(
+        "--max-distortion",
+        type=float,
+        default=0.1,
+        help="largest displacement width (Å) of the distorted aspirin frames trained on",
     )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapter-epochs", type=int, default=40)
