@@ -250,6 +250,15 @@ class AdaptedModel(torch.nn.Module):
         """Free-form metadata kept with the adapter (environment, training summary, ...)."""
         return self._record(name).metadata
 
+    def set_adapter_environment(self, name: str, environment: Mapping[str, Any] | None) -> None:
+        """Set the description of adapter ``name``'s training environment
+        (:func:`~mmea_calc.describe_environment`): automatic selection and per-atom routing
+        read it, and :meth:`save_adapter` writes it."""
+        self._record(name).metadata["environment"] = (
+            None if environment is None else dict(environment)
+        )
+        self._changed()
+
     def adapter_e0s(self, name: str) -> dict[int, float] | None:
         """Per-element energy corrections (eV, by atomic number) the adapter adds, if any."""
         return self._record(name).e0s
@@ -421,8 +430,7 @@ class AdaptedModel(torch.nn.Module):
         record = self._record(name)
         meta = record.metadata
         if environment is not None:
-            meta["environment"] = dict(environment)
-            self._changed()  # per-atom routing reads the environment's statistics
+            self.set_adapter_environment(name, environment)
         if training is not None:
             meta["training"] = dict(training)
         config = record.config

@@ -401,3 +401,48 @@ def test_a_failed_calibration_leaves_the_ranges_as_they_were():
     with pytest.raises(ConfigError, match="no atoms"):
         model.calibrate_adapter("a", [])
     assert model._ranges_document("a") == before and model.is_calibrated("a")
+
+
+def test_calibration_records_logit_ranges_that_bound_the_gates_far_outside(tmp_path):
+    import json
+
+    from mmea_calc.adapter import FADE_SCALE
+
+    model, train = _calibrated(seed=2)
+    gates = model._gates("a")
+    with_gates = {t: g for t, g in gates.items() if g.gate is not None}
+    assert with_gates and all(g.logit_low is not None for g in with_gates.values())
+    assert all(g.fade_scale == FADE_SCALE for g in gates.values())
+    # the recorded logit range holds every logit the training data produced (after the bound)
+    seen = {}
+    handles = [
+        g.gate.register_forward_hook(lambda m, a, out, t=t: seen.setdefault(t, []).append(out))
+        for t, g in with_gates.items()
+    ]
+    for atoms in train:
+        evaluate(model, [atoms])
+    squeezed = train[0].copy()
+    squeezed.positions *= 0.5
+    far = evaluate(model, [squeezed])
+    for handle in handles:
+        handle.remove()
+    for target, gate in with_gates.items():
+        bound = gate.logit_bound
+        inside = torch.cat(seen[target][:-1])
+        inside = bound * torch.tanh(inside / bound)
+        assert (inside >= gate.logit_low - 1e-9).all() and (inside <= gate.logit_high + 1e-9).all()
+    assert torch.isfinite(far["forces"]).all()
+    # saved and loaded with the adapter; files without gate_fade_scale keep the old 1.0
+    model.save_adapter("a", tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    entry = next(iter(config["gate_ranges"][t] for t in with_gates))
+    assert "logit_low" in entry and config["gate_fade_scale"] == FADE_SCALE
+    loaded = AdaptedModel(build_tiny_mace())
+    loaded.load_adapter(tmp_path / "a")
+    got = evaluate(loaded, [squeezed])
+    assert torch.allclose(got["forces"], far["forces"], atol=1e-12)
+    config.pop("gate_fade_scale")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    legacy = AdaptedModel(build_tiny_mace())
+    legacy.load_adapter(tmp_path / "a")
+    assert all(g.fade_scale == 1.0 for g in legacy._gates("a").values())
