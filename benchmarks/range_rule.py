@@ -1,11 +1,14 @@
 """The robust-gate range rule's settings against accuracy and blow-ups, on cached fits.
 
 Uses the MMEA fits that ``benchmarks/robustness.py`` keeps in ``--work`` (it trains them; this
-script never trains) and re-evaluates the same weights under several settings of the rule:
+script never trains), re-calibrates them on their training sets with the current code, and
+re-evaluates the same weights under several settings of the rule (``margin:fade:logits``):
 
 * ``margin``: width of the smooth saturation beyond the recorded range, as a fraction of it;
 * ``fade``: range-widths outside the range at which the adapter's update has faded to 1/e
-  (``inf``: no fade).
+  (``inf``: no fade);
+* ``logits``: ``1`` saturates the gate logits to their training range too, ``0`` keeps only
+  the bottleneck's range (the rule of the first robust-gates release, with fade 1).
 
 Per setting: test force MAE on ``--test-frames`` frames of every dataset (relative to the same
 weights without ranges), and blow-ups (max |F| > 10x the bare base's, or non-finite) on the
@@ -13,7 +16,7 @@ rattle sweep of ``benchmarks/robustness.py`` for the datasets in ``--rattle``.
 
 Usage::
 
-    python benchmarks/range_rule.py --settings 0.1:1,0.25:2,0.1:inf \\
+    python benchmarks/range_rule.py --settings 0.1:1:0,0.1:2:1,0.1:inf:1 \\
         --out benchmarks/results/range_rule.json
 """
 
@@ -39,16 +42,16 @@ DATASETS = ("aspirin", "azobenzene", "benzene", "ethanol", "malonaldehyde", "nap
             "paracetamol", "toluene", "uracil", "acac")  # fmt: skip
 
 
-def _setting(text: str) -> tuple[float, float]:
-    margin, fade = text.split(":")
-    return float(margin), float(fade)
+def _setting(text: str) -> tuple[float, float, bool]:
+    margin, fade, logits = text.split(":")
+    return float(margin), float(fade), bool(int(logits))
 
 
-def _apply(model, setting: tuple[float, float], ranges: dict) -> None:
-    margin, fade = setting
-    model.set_gate_ranges("mmea", ranges, margin=margin)
-    for gate in model._gates("mmea").values():
-        gate.fade_scale = fade
+def _apply(model, setting: tuple[float, float, bool], ranges: dict) -> None:
+    margin, fade, logits = setting
+    if not logits:
+        ranges = {t: {"low": r["low"], "high": r["high"]} for t, r in ranges.items()}
+    model.set_gate_ranges("mmea", ranges, margin=margin, fade_scale=fade)
 
 
 def _forces(calc, frames: list) -> list:
@@ -69,7 +72,7 @@ def _mae(forces: list, frames: list) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="0.1:1", help="margin:fade,...")
+    parser.add_argument("--settings", default="0.1:1:0,0.1:2:1", help="margin:fade:logits,...")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--rattle", default="aspirin,acac")
     parser.add_argument("--structures", type=int, default=30, help="rattled frames per σ")
@@ -91,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     with contextlib.redirect_stdout(sys.stderr):
         from mmea_calc import AdaptedModel, MMEACalculator
+        from mmea_calc.train import calibrate_adapter
 
         for dataset in [d for d in args.datasets.split(",") if d]:
             tic = time.perf_counter()
             model = AdaptedModel(MODEL, dtype="float64")
             model.load_adapter(work / dataset / "mmea", name="mmea")
-            ranges = model._ranges_document("mmea")["gate_ranges"]
+            ranges = calibrate_adapter(model, "mmea", _dataset(dataset)["train"])
             tests = {}
             for name, path in _dataset(dataset)["tests"].items():
                 frames = ase.io.read(path, index=f":{args.test_frames}")
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     out["no_ranges"][name] = _mae(_forces(calc, frames), frames)
             for setting in settings:
                 _apply(model, setting, ranges)
-                key = ":".join(f"{v:g}" for v in setting)
+                key = ":".join(f"{float(v):g}" for v in setting)
                 row: dict = {"test": {}}
                 for name, frames in tests.items():
                     mae = _mae(_forces(calc, frames), frames)

@@ -7,6 +7,8 @@ traced to ``benchmarks/results/*.json``::
     python benchmarks/report.py speed
     python benchmarks/report.py robustness            # results/robustness.json
     python benchmarks/report.py robustness --results benchmarks/results/robustness_embedded.json
+    python benchmarks/report.py range_rule            # results/range_rule.json
+    python benchmarks/report.py per_atom              # results/per_atom.json
 """
 
 from __future__ import annotations
@@ -245,9 +247,62 @@ def robustness_tables(results: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def range_rule_tables(results: dict) -> str:
+    """Test force MAE change and rattle blow-ups per setting of the range rule (same weights)."""
+    settings = [":".join(f"{float(v):g}" for v in s) for s in results["settings"]]
+    lines = [f"Command: `{results['command']}`", "",
+             "Test force MAE relative to the same weights without ranges, per setting "
+             "`margin:fade:logit ranges`:", "",
+             "| test set | no ranges (meV/Å) | " + " | ".join(settings) + " |",
+             "|---|---|" + "---|" * len(settings)]  # fmt: skip
+    blowups = []
+    for dataset, result in results["datasets"].items():
+        for name, mae in result["no_ranges"].items():
+            label = dataset if len(result["no_ranges"]) == 1 else f"{dataset} {name}"
+            cells = [f"{100 * result[k]['test'][name]['relative']:+.2f} %" for k in settings]
+            lines.append(f"| {label} | {mae:.2f} | " + " | ".join(cells) + " |")
+        if "blowups" in result[settings[0]]:
+            cells = [
+                f"{sum(result[k]['blowups'].values())} (max {result[k]['max_ratio']:.3g}×)"
+                for k in settings
+            ]
+            blowups.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    if blowups:
+        lines += ["", "Blow-ups (non-finite, or max |F| > 10× the base's) over the rattle sweep "
+                  "(σ = 0.1–0.4 Å, 30 frames each, 150 in all), largest max |F| ratio:", "",
+                  "| dataset | " + " | ".join(settings) + " |",
+                  "|---|" + "---|" * len(settings), *blowups]  # fmt: skip
+    return "\n".join(lines)
+
+
+def per_atom_tables(results: dict) -> str:
+    """Force MAE (all / solute / water atoms) per model on the solvated frames, and step times."""
+    data = results["data"]
+    lines = [f"Command: `{results['command']}`", "",
+             f"{data['frames']} frames, {data['atoms']} atoms ({data['solute_atoms']} solute):", "",
+             "| model | F MAE all (meV/Å) | solute | water | E MAE (meV/atom) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for label, row in results["errors"].items():
+        f = row["forces_mae_meV_per_A"]
+        lines.append(f"| {label} | {f['all']:.1f} | {f['solute']:.1f} | {f['water']:.1f} | "
+                     f"{row['energy_mae_meV_per_atom']:.1f} |")  # fmt: skip
+    for timing in results.get("timing", {}).values():
+        lines += ["", f"Per-step time, {timing['atoms']} atoms ({timing['repeats']} repeats, "
+                  f"ratio to `{timing['reference']}` per adjacent pair):", "",
+                  "| calculator | median (ms) | ratio median | quartiles |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for label, row in timing["calculators"].items():
+            q = row["ratio_quartiles"]
+            lines.append(f"| {label} | {row['median_ms']:.1f} | {row['ratio_median']:.3f} | "
+                         f"{q[0]:.3f}–{q[1]:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=("accuracy", "speed", "robustness"))
+    parser.add_argument(
+        "which", choices=("accuracy", "speed", "robustness", "range_rule", "per_atom")
+    )
     parser.add_argument("--results", default=None, help="JSON file (default: results/<which>.json)")
     args = parser.parse_args(argv)
     path = Path(args.results or RESULTS / f"{args.which}.json")
@@ -255,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results at {path}: run benchmarks/{args.which}.py first", file=sys.stderr)
         return 2
     results = json.loads(path.read_text())
-    tables = {"accuracy": accuracy_tables, "speed": speed_tables, "robustness": robustness_tables}
+    tables = {
+        "accuracy": accuracy_tables,
+        "speed": speed_tables,
+        "robustness": robustness_tables,
+        "range_rule": range_rule_tables,
+        "per_atom": per_atom_tables,
+    }
     print(tables[args.which](results))
     return 0
 

@@ -3,14 +3,18 @@
 Loads the embedded base model and its environment adapters, builds a periodic water box and the
 hot molecule, lets automatic selection pick an adapter for each (and checks the pick), runs a
 short Langevin MD of each, relaxes a distorted copy of the molecule with BFGS, and compares the
-base model with the adapted one on the held-out test frames. Every step is checked; anything
-wrong raises :class:`~mmea_calc.errors.DemoError` (the CLI turns it into a non-zero exit).
+base model with the adapted one on the held-out test frames. When the assets hold solvated
+frames (the molecule in water, ``data/solvated_test.xyz``), per-atom routing serves them: which
+adapter the solute and the water atoms lean on, a short MD, and its errors against each single
+adapter's. Every step is checked; anything wrong raises :class:`~mmea_calc.errors.DemoError`
+(the CLI turns it into a non-zero exit).
 
 Assets (``root``, default ``mmea_calc/embedded/``): ``base/`` (a safe base directory),
 ``adapters/<name>/`` (one adapter per environment; the periodic one is the water environment,
 the other the molecule, named after it) and ``data/<name>_test.xyz`` (held-out reference frames
 with ``REF_energy``/``REF_forces``; the molecule's first frame gives its geometry and its
-``temperature_K`` the MD temperature).
+``temperature_K`` the MD temperature); optionally ``data/solvated_test.xyz`` (the molecule in
+water, labelled the same way, with a boolean ``solute`` per-atom array).
 """
 
 from __future__ import annotations
@@ -54,10 +58,19 @@ class DemoSettings:
     rattle: float = 0.1
     blowup_factor: float = 3.0
     reports: int = 4
+    solvated_steps: int = 40
+    solvated_frames: int | None = None  # None: all shipped
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(water_steps=20, molecule_steps=40, test_frames=6, prerelax_steps=30)
+QUICK = DemoSettings(
+    water_steps=20,
+    molecule_steps=40,
+    test_frames=6,
+    prerelax_steps=30,
+    solvated_steps=4,
+    solvated_frames=2,
+)
 
 
 @dataclass
@@ -68,6 +81,7 @@ class DemoReport:
     md: dict[str, dict[str, Any]] = field(default_factory=dict)
     relax: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_atom: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -386,9 +400,84 @@ def run_demo(
     report.errors = {env.adapter: _errors(calc, env) for env in envs.values()}
     _error_table(report.errors, say)
     _check_errors(report.errors)
+    root_dir = Path(root) if root is not None else EMBEDDED_DIR
+    report.per_atom = _per_atom(root_dir, calc, envs, settings, say, progress, seed + 2)
     report.seconds = time.perf_counter() - started
     say(f"demo passed in {report.seconds:.0f} s")
     return report
+
+
+def _per_atom(
+    root: Path,
+    calc: Any,
+    envs: dict[str, _Environment],
+    settings: DemoSettings,
+    say: _Say,
+    progress: TextIO | None,
+    seed: int,
+) -> dict[str, Any]:
+    """Per-atom routing on the solvated frames (skipped when the assets have none)."""
+    from mmea_calc.calculator import MMEACalculator
+    from mmea_calc.data import read_structures, reference_values
+
+    path = root / "data" / "solvated_test.xyz"
+    if not path.is_file():
+        say(f"no solvated frames ({path}): per-atom routing step skipped")
+        return {}
+    frames = read_structures(path, atomic_numbers=calc.model.base_info["atomic_numbers"])
+    frames = frames[: settings.solvated_frames] if settings.solvated_frames else frames
+    raw = ase.io.read(path, index=f":{len(frames)}")  # labels aside: the per-atom arrays
+    if not frames or any("solute" not in a.arrays for a in raw):
+        raise DemoError(f"{path} must hold frames with a boolean 'solute' per-atom array")
+    masks = [a.arrays["solute"].astype(bool) for a in raw]
+    per_atom = MMEACalculator(calc.model, select="per-atom")  # the same model, shared
+    names = per_atom.adapter_names
+    serving = {"solute": envs["molecule"].adapter, "water": envs["water"].adapter}
+    first = frames[0].copy()
+    first.calc = per_atom
+    first.get_potential_energy()
+    weights = per_atom.results["adapter_weights"]
+    solute = masks[0]
+    label = (
+        f"solvated {envs['molecule'].adapter} ({first.get_chemical_formula()}, {len(first)} atoms)"
+    )
+    say(f"per-atom routing, {label}: mean weight per adapter ({', '.join(names)})")
+    summary = {}
+    for part, mask in (("solute", solute), ("water", ~solute)):
+        mean = weights[mask].mean(axis=0)
+        summary[part] = dict(zip(names, mean.round(4).tolist(), strict=True))
+        shown = "  ".join(f"{n} {w:.3f}" for n, w in zip(names, mean, strict=True))
+        say(f"  {part:7s} ({int(mask.sum()):3d} atoms): {shown}")
+        if names[int(mean.argmax())] != serving[part]:
+            raise DemoError(
+                f"per-atom routing serves the {part} atoms mostly with "
+                f"{names[int(mean.argmax())]!r}, not {serving[part]!r}"
+            )
+    record = _md(first, label, "per-atom", settings.solvated_steps, 300.0, settings, say,
+                 progress, seed)  # fmt: skip
+    errors = {}
+    for model_label, select in (("base", None), *((n, n) for n in names), ("per-atom", "per-atom")):
+        per_atom.set_adapter(select)
+        results = per_atom.calculate_batch(frames, properties=("energy", "forces"))
+        rows: dict[str, list[np.ndarray]] = {"all": [], "solute": [], "water": []}
+        for atoms, result, mask in zip(frames, results, masks, strict=True):
+            reference = reference_values([atoms])["forces"]
+            error = np.abs(result["forces"] - reference).mean(axis=1)
+            rows["all"].append(error)
+            rows["solute"].append(error[mask])
+            rows["water"].append(error[~mask])
+        errors[model_label] = {k: 1000 * float(np.concatenate(v).mean()) for k, v in rows.items()}
+    say(f"force MAE (meV/Å) on {len(frames)} solvated frames ({path.name}):")
+    say(f"  {'model':12s}{'all':>9s}{'solute':>9s}{'water':>9s}")
+    for model_label, row in errors.items():
+        say(f"  {model_label:12s}{row['all']:9.1f}{row['solute']:9.1f}{row['water']:9.1f}")
+    best_single = min(errors[n]["all"] for n in names)
+    if not errors["per-atom"]["all"] < best_single:
+        raise DemoError(
+            f"per-atom routing ({errors['per-atom']['all']:.1f} meV/Å) does not beat the best "
+            f"single adapter ({best_single:.1f} meV/Å) on the solvated frames"
+        )
+    return {"weights": summary, "md": record, "errors": errors, "frames": len(frames)}
 
 
 def _prerelax(atoms: ase.Atoms, label: str, settings: DemoSettings, say: _Say) -> None:
