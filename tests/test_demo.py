@@ -114,3 +114,6 @@ def test_real_cli_demo_quick():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "demo passed" in done.stdout
     assert "adapter 'water'" in done.stdout
+    # the shipped solvated frames: per-atom routing serves solute and water, and is checked
+    assert "per-atom routing, solvated aspirin" in done.stdout
+    assert "force MAE (meV/Å) on 2 solvated frames" in done.stdout
