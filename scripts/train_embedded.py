@@ -59,9 +59,14 @@ REPRODUCE = [
     "python scripts/train_embedded.py --stage base --epochs 60 --threads 2",
     "mmea-calc convert-base build/embedded/base.model mmea_calc/embedded/base --overwrite",
     "python scripts/train_embedded.py --stage adapters --envs aspirin --adapter-epochs 60 "
-    "--threads 1",
-    "python scripts/train_embedded.py --stage adapters --envs water --adapter-epochs 40 "
-    "--threads 1",
+    "--threads 1  # the shipped aspirin adapter: trained before the distorted frames existed "
+    "(retraining with them, sigma <= 0.1 or 0.2 A, made its MD test error worse: BENCHMARKS.md)",
+    "python scripts/train_embedded.py --stage adapters --envs water --adapter-epochs 90 "
+    "--threads 1 --adapters build/embedded/adapters  # then copied into the package",
+    "mmea-calc calibrate mmea_calc/embedded/adapters/aspirin --base mmea_calc/embedded/base "
+    "--data data/aspirin_train.xyz",
+    "mmea-calc calibrate mmea_calc/embedded/adapters/water --base mmea_calc/embedded/base "
+    "--data data/water_train.xyz",
     "python scripts/train_embedded.py --stage eval",
 ]
 
