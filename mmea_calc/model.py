@@ -712,8 +712,8 @@ class AdaptedModel(torch.nn.Module):
             raise AdapterNotFoundError("per-atom routing needs at least one loaded adapter")
         if not sharpness > 0:
             raise ConfigError(f"the routing sharpness must be > 0, got {sharpness!r}")
-        for name in names:
-            self.neighbourhood_statistics(name)  # raises for adapters without statistics
+        attrs = data["node_attrs"]
+        self._tables(tuple(names), attrs.dtype, attrs.device)  # checks them once (then cached)
         device = data["batch"].device
         index = [self.adapter_names.index(n) for n in names]
         data[PER_ATOM_KEY] = torch.tensor(index, dtype=torch.long, device=device)
