@@ -13,8 +13,8 @@ per dataset:
 * Langevin MD (0.5 fs, friction 0.01/fs) from the first test frame at 500 K and 1500 K.
 
 Models: ``base``; ``mmea`` (rank 16, re-calibrated on its training set with this version's
-rule: bottleneck and logit ranges, saturation and fade outside them); ``mmea-old`` (the same weights without the ranges: the gates
-as they were before, logit bound 10); ``lora`` (mace-torch's LoRA r16, alpha 1, as in the
+rule: bottleneck and logit ranges, saturation and fade outside them); ``mmea-old`` (the same
+weights without the ranges: the gates as they were before, logit bound 10); ``lora`` (mace-torch's LoRA r16, alpha 1, as in the
 accuracy benchmark); ``full``.
 
 Usage::
