@@ -14,8 +14,8 @@ per dataset:
 
 Models: ``base``; ``mmea`` (rank 16, re-calibrated on its training set with this version's
 rule: bottleneck and logit ranges, saturation and fade outside them); ``mmea-old`` (the same
-weights without the ranges: the gates as they were before, logit bound 10); ``lora`` (mace-torch's LoRA r16, alpha 1, as in the
-accuracy benchmark); ``full``.
+weights without the ranges: the gates as they were before, logit bound 10); ``lora``
+(mace-torch's LoRA r16, alpha 1, as in the accuracy benchmark); ``full``.
 
 Usage::
 
