@@ -470,6 +470,7 @@ def _cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
 def _info_text(info: dict[str, Any]) -> str:
     lines = []
     keys = ("path", "kind", "method", "name", "rank", "logit_bound", "calibrated")
+    keys = (*keys, "routing_statistics")
     for key in (*keys, "trainable_parameters", "fingerprint"):
         if info.get(key) is not None:
             lines.append(f"{key:22s}{info[key]}")

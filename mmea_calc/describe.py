@@ -63,6 +63,8 @@ def _describe_adapter(directory: Path) -> dict[str, Any]:
         "e0s": cfg.get("e0s"),
         "logit_bound": cfg.get("logit_bound"),
         "calibrated": bool(cfg.get("gate_ranges")),
+        # per-atom routing needs these statistics (fits record them; `mmea-calc calibrate` too)
+        "routing_statistics": bool(environment.get("neighbourhood")),
         "training": cfg.get("training"),
     }
 

@@ -249,7 +249,9 @@ def test_calibrate_records_the_ranges_of_an_older_adapter(files, tmp_path, capsy
         loaded.load_adapter(tmp_path / "old")
     assert loaded.is_calibrated("old")
     assert main(["info", str(tmp_path / "old"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["calibrated"] is True
+    described = json.loads(capsys.readouterr().out)
+    assert described["calibrated"] is True and described["routing_statistics"] is True
+    assert loaded.neighbourhood_statistics("old")  # per-atom routing can use it now
     assert main(["calibrate", str(tmp_path / "old"), "--base", files["base"],
                  "--data", str(tmp_path / "none.xyz")]) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
