@@ -17,39 +17,35 @@ import fnmatch
 import functools
 import logging
 import os
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mmea_calc._deps import e3nn_jit, o3
 from mmea_calc.adapter import (
-    FADE_SCALE,
-    PHI_CHOICES,
-    RANGE_MARGIN,
     FrozenMMEALinear,
     Mixture,
     MMEALayer,
     Route,
 )
 from mmea_calc.base import load_base
+from mmea_calc.config import MMEAConfig
 from mmea_calc.errors import (
     AdapterExistsError,
-    AdapterFormatError,
     AdapterNotFoundError,
-    BaseModelMismatchError,
     ConfigError,
     TargetError,
-    UncalibratedAdapterWarning,
 )
 from mmea_calc.identity import base_info
-from mmea_calc.io import read_adapter_dir, write_adapter_dir
 from mmea_calc.mace_model import atomic_energies, node_energy_module
+from mmea_calc.model_files import AdapterFiles
 from mmea_calc.routing import (
+    ADAPTER_INDEX_KEY,
     DEFAULT_SHARPNESS,
+    PER_ATOM_KEY,
+    SHARPNESS_KEY,
     NeighbourhoodStatistics,
     mixture_tables,
     mixture_weights,
@@ -60,56 +56,7 @@ __all__ = ["ADAPTER_INDEX_KEY", "PER_ATOM_KEY", "SHARPNESS_KEY", "AdaptedModel",
 
 logger = logging.getLogger(__name__)
 
-#: Graph-dict key of the per-node adapter index (into ``AdaptedModel.adapter_names``; -1 = base).
-ADAPTER_INDEX_KEY = "mmea_adapter_index"
-#: Graph-dict key of per-atom routing: the indices (into ``adapter_names``) of the adapters every
-#: node mixes with its own weights (:mod:`mmea_calc.routing`); see :meth:`AdaptedModel.route`.
-PER_ATOM_KEY = "mmea_per_atom_adapters"
-#: Graph-dict key of per-atom routing's sharpness (a 0-d tensor; default ``DEFAULT_SHARPNESS``).
-SHARPNESS_KEY = "mmea_routing_sharpness"
 BASE_NAMES = (None, "base")
-#: Calibrated ranges are widened by this fraction of their width (at least of 1.0) per side.
-CALIBRATION_SLACK = 1e-6
-#: The fade scale of files calibrated before logit ranges and ``gate_fade_scale`` existed.
-LEGACY_FADE_SCALE = 1.0
-
-
-@dataclass
-class MMEAConfig:
-    """Hyper-parameters of one MMEA adapter.
-
-    Attributes:
-        rank: width ``r`` of the SiLU bottleneck feeding the gates.
-        phi: ``"exp"`` (default) or ``"1+x"``, the map from gate logit to scale.
-        targets: ``None`` for every ``o3.Linear`` with internal weights, or module names / glob
-            patterns (``"interactions.*.linear"``); each pattern must match something.
-        shift_init_std: std of the normal init of ``W_s`` (0 keeps the adapter an exact identity).
-        logit_bound: soft bound ``c`` on gate logits (``c tanh(g / c)``), so that ``exp`` cannot
-            overflow far outside the training data; ``None`` for the paper's unbounded map.
-    """
-
-    rank: int = 16
-    phi: str = "exp"
-    targets: str | Sequence[str] | None = None
-    shift_init_std: float = 0.0
-    logit_bound: float | None = 10.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.phi not in PHI_CHOICES:
-            raise ConfigError(f"phi={self.phi!r} is not supported; valid: {list(PHI_CHOICES)}")
-        if self.logit_bound is not None and not self.logit_bound > 0:
-            raise ConfigError(f"logit_bound must be > 0 or None, got {self.logit_bound!r}")
-        if not self.shift_init_std >= 0:
-            raise ConfigError(f"shift_init_std must be >= 0, got {self.shift_init_std}")
-        if isinstance(self.targets, str):
-            self.targets = [self.targets]
-        elif self.targets is not None:
-            self.targets = list(self.targets)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -162,7 +109,7 @@ def _e0_dict(e0s: Mapping[int, float] | None) -> dict[int, float] | None:
 # hooks on linears that no longer run: the bare base, silently. Refuse instead; export with
 # AdaptedModel.freeze(name) or mmea_calc.export.
 @e3nn_jit.compile_mode("unsupported")
-class AdaptedModel(torch.nn.Module):
+class AdaptedModel(AdapterFiles, torch.nn.Module):
     """A frozen MACE base with named MMEA adapters.
 
     Calling the model takes and returns what the MACE model does (graph dict in; ``energy``,
@@ -412,276 +359,6 @@ class AdaptedModel(torch.nn.Module):
     def num_trainable_parameters(self, name: str) -> int:
         """Number of scalars one adapter holds (what training updates; the base not counted)."""
         return sum(p.numel() for p in self.adapter_parameters(name))
-
-    # ---------------------------------------------------------------- files
-    def save_adapter(
-        self,
-        name: str,
-        directory: str | os.PathLike,
-        *,
-        environment: Mapping[str, Any] | None = None,
-        training: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``.
-
-        ``environment`` and ``training`` default to what the adapter's metadata holds; given,
-        they are also stored there.
-        """
-        record = self._record(name)
-        meta = record.metadata
-        if environment is not None:
-            self.set_adapter_environment(name, environment)
-        if training is not None:
-            meta["training"] = dict(training)
-        config = record.config
-        e0s = record.e0s
-        document = {
-            "name": name,
-            "rank": config.rank,
-            "phi": config.phi,
-            "shift_init_std": config.shift_init_std,
-            "logit_bound": config.logit_bound,
-            "target_patterns": config.targets,
-            "targets": {
-                t: {"irreps_in": str(layer.irreps_in), "irreps_out": str(layer.irreps_out)}
-                for t in record.targets
-                for layer in [self.layer(t)]
-            },
-            "base": self.base_info,
-            "e0s": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
-            "environment": meta.get("environment"),
-            "training": meta.get("training"),
-            **self._ranges_document(name),
-        }
-        return write_adapter_dir(directory, document, self.adapter_state_dict(name))
-
-    def _gates(self, name: str) -> dict[str, Any]:
-        """``{target: MMEAGate}`` of one adapter."""
-        return {t: self.layer(t).gates[name] for t in self._record(name).targets}
-
-    def is_calibrated(self, name: str) -> bool:
-        """Whether adapter ``name`` holds its gate ranges (see :meth:`calibrate_adapter`)."""
-        return all(g.calibrated for g in self._gates(name).values())
-
-    def _ranges_document(self, name: str) -> dict[str, Any]:
-        gates = self._gates(name)
-        if not self.is_calibrated(name):
-            return {"gate_ranges": None}
-        ranges = {}
-        for target, gate in gates.items():
-            ranges[target] = {"low": gate.range_low.tolist(), "high": gate.range_high.tolist()}
-            if gate.logit_low is not None:
-                ranges[target]["logit_low"] = gate.logit_low.tolist()
-                ranges[target]["logit_high"] = gate.logit_high.tolist()
-        meta = self._records[name].metadata
-        return {
-            "gate_ranges": ranges,
-            "gate_range_margin": meta.get("range_margin", RANGE_MARGIN),
-            "gate_fade_scale": meta.get("fade_scale", FADE_SCALE),
-        }
-
-    def set_gate_ranges(
-        self,
-        name: str,
-        ranges: Mapping[str, Mapping[str, Sequence[float]]] | None,
-        margin: float = RANGE_MARGIN,
-        fade_scale: float = FADE_SCALE,
-    ) -> None:
-        """Set (``None``: clear) the recorded ranges of adapter ``name``'s gates, ``{target:
-        {"low": [...], "high": [...], "logit_low": [...], "logit_high": [...]}}`` (bottleneck
-        and, for gates with ``l > 0`` outputs, optionally logit ranges; see
-        :meth:`calibrate_adapter`), with the saturation ``margin`` and the ``fade_scale``."""
-        gates = self._gates(name)
-        if ranges is not None and set(ranges) != set(gates):
-            raise ConfigError(
-                f"gate ranges name targets {sorted(ranges)}, adapter {name!r} has {sorted(gates)}"
-            )
-        for target, gate in gates.items():
-            if ranges is None:
-                gate.set_range(None, None)
-                continue
-            entry = ranges[target]
-            logits = None
-            if entry.get("logit_low") is not None:
-                logits = (torch.tensor(entry["logit_low"]), torch.tensor(entry["logit_high"]))
-            gate.set_range(
-                torch.tensor(entry["low"]),
-                torch.tensor(entry["high"]),
-                margin,
-                logits=logits,
-                fade_scale=fade_scale,
-            )
-        self._records[name].metadata["range_margin"] = margin
-        self._records[name].metadata["fade_scale"] = fade_scale
-        self._changed()
-
-    def calibrate_adapter(
-        self, name: str, batches: Iterable[dict[str, torch.Tensor]], margin: float = RANGE_MARGIN
-    ) -> dict[str, dict[str, list[float]]]:
-        """Record what adapter ``name``'s bottlenecks spanned on ``batches`` (its training data).
-
-        Every node of every batch (graph dicts, as MACE takes them) is served by this adapter;
-        per gate and bottleneck channel the minimum and maximum pre-activation are kept, and per
-        gate logit (``l > 0`` outputs) its minimum and maximum. From then on bottlenecks and
-        logits saturate smoothly outside those ranges and the update fades with the distance
-        outside them (inside, nothing changes), and forward calls report that distance
-        (``adapter_extrapolation``).
-
-        Returns:
-            The ranges, ``{target: {"low": [...], "high": [...], "logit_low": [...],
-            "logit_high": [...]}}`` (also set on the gates).
-        """
-        gates = self._gates(name)
-        previous = self._ranges_document(name)
-        self.set_gate_ranges(name, None)  # measure the raw pre-activations
-        low: dict[str, torch.Tensor] = {}
-        high: dict[str, torch.Tensor] = {}
-
-        def seen(key: str, module: Any, args: tuple, z: torch.Tensor) -> None:
-            z = z.detach()
-            bound = gates[key[6:]].logit_bound if key.startswith("logit:") else None
-            if bound is not None:  # the logits as the heads use them (bounded)
-                z = bound * torch.tanh(z / bound)
-            if z.shape[0] == 0:
-                return
-            lo, hi = z.amin(dim=0), z.amax(dim=0)
-            low[key] = torch.minimum(low[key], lo) if key in low else lo
-            high[key] = torch.maximum(high[key], hi) if key in high else hi
-
-        handles = [
-            g.down.register_forward_hook(functools.partial(seen, t)) for t, g in gates.items()
-        ]
-        handles += [  # the logits
-            g.gate.register_forward_hook(functools.partial(seen, "logit:" + t))
-            for t, g in gates.items()
-            if g.gate is not None
-        ]
-        index = self.adapter_names.index(name)
-        try:
-            for batch in batches:
-                batch = dict(batch)
-                batch[ADAPTER_INDEX_KEY] = torch.full_like(batch["batch"], index)
-                self(batch, training=False, compute_force=False)
-            if not set(gates) <= set(low):
-                raise ConfigError(f"cannot calibrate adapter {name!r}: the data holds no atoms")
-        except BaseException:  # a failed calibration leaves the adapter as it was
-            margin_before = previous.get("gate_range_margin", RANGE_MARGIN)
-            fade_before = previous.get("gate_fade_scale", LEGACY_FADE_SCALE)
-            self.set_gate_ranges(name, previous["gate_ranges"], margin_before, fade_before)
-            raise
-        finally:
-            for handle in handles:
-                handle.remove()
-        # float slack: the same structure alone (another summation order in mace's message
-        # passing) must not land a rounding error outside the range it was calibrated on
-        slack = {k: CALIBRATION_SLACK * (high[k] - low[k]).clamp_min(1.0) for k in low}
-        ranges: dict[str, dict[str, list[float]]] = {}
-        for target in gates:
-            entry = ranges[target] = {}
-            for prefix, key in (("", target), ("logit_", "logit:" + target)):
-                if key in low:
-                    entry[prefix + "low"] = (low[key] - slack[key]).tolist()
-                    entry[prefix + "high"] = (high[key] + slack[key]).tolist()
-        self.set_gate_ranges(name, ranges, margin)
-        return ranges
-
-    def load_adapter(
-        self,
-        directory: str | os.PathLike,
-        name: str | None = None,
-        *,
-        set_active: bool = True,
-        is_trainable: bool = False,
-    ) -> str:
-        """Load an adapter directory (validated against this base); returns its name.
-
-        The loaded tensors are frozen unless ``is_trainable`` (to continue training them). A
-        failed load leaves the model as it was.
-        """
-        cfg, tensors = read_adapter_dir(directory)
-        where = repr(str(directory))
-        self._check_base(cfg["base"], where)
-        name = name or cfg.get("name") or Path(directory).resolve().name
-        targets = list(cfg["targets"])
-        unknown = [t for t in targets if t not in self._linears]
-        if unknown:
-            raise AdapterFormatError(f"adapter targets {unknown} do not exist in the base model")
-        try:
-            config = MMEAConfig(
-                rank=int(cfg["rank"]),
-                phi=cfg["phi"],
-                targets=targets,
-                shift_init_std=float(cfg.get("shift_init_std", 0.0)),
-                # absent in files written before the bound existed: those were trained unbounded
-                logit_bound=cfg.get("logit_bound"),
-            )
-        except (TypeError, ValueError) as exc:
-            raise AdapterFormatError(f"adapter config in {where} is invalid: {exc}") from exc
-        e0s = {int(z): float(v) for z, v in (cfg.get("e0s") or {}).items()}
-        meta = {k: cfg.get(k) for k in ("environment", "training")}
-        self.add_adapter(
-            name, config, e0s=e0s, metadata=meta, set_active=False, is_trainable=is_trainable
-        )
-        config.targets = cfg.get("target_patterns", targets)  # as written (targets resolved)
-        try:
-            self._copy_tensors(name, tensors, where)
-        except AdapterFormatError:
-            self.delete_adapter(name)
-            raise
-        if cfg.get("gate_ranges"):
-            try:
-                margin = float(cfg.get("gate_range_margin", RANGE_MARGIN))
-                # files calibrated before gate_fade_scale existed keep the scale they had
-                fade_scale = float(cfg.get("gate_fade_scale", LEGACY_FADE_SCALE))
-                self.set_gate_ranges(name, cfg["gate_ranges"], margin, fade_scale)
-            except (ConfigError, KeyError, TypeError, ValueError) as exc:
-                self.delete_adapter(name)
-                raise AdapterFormatError(f"adapter {where}: bad gate_ranges: {exc}") from exc
-        else:
-            warnings.warn(
-                f"adapter {where} records no gate ranges (written before mmea_calc 0.2): its "
-                "gates do not saturate outside the training data and no extrapolation grade is "
-                "reported; record them with `mmea-calc calibrate "
-                f"{directory} --base BASE --data TRAIN.xyz`",
-                UncalibratedAdapterWarning,
-                stacklevel=2,
-            )
-        if set_active:
-            self.set_adapter(name)
-        return name
-
-    def _check_base(self, base: Mapping[str, Any], where: str) -> None:
-        if base.get("fingerprint") == self.fingerprint:
-            return
-        mine = self.base_info
-        raise BaseModelMismatchError(
-            f"adapter {where} was trained on base model {str(base.get('fingerprint'))[:12]}… "
-            f"({base.get('model_class')}, elements {base.get('atomic_numbers')}, hidden "
-            f"{base.get('hidden_irreps')}), not on this one {self.fingerprint[:12]}… "
-            f"({mine['model_class']}, elements {mine['atomic_numbers']}, "
-            f"hidden {mine['hidden_irreps']})"
-        )
-
-    def _copy_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-        params = dict(self.named_adapter_parameters(name))
-        missing = sorted(set(params) - set(tensors))
-        extra = sorted(set(tensors) - set(params))
-        if missing or extra:
-            raise AdapterFormatError(
-                f"adapter {where} tensors do not match its config: missing {missing}, "
-                f"unexpected {extra}"
-            )
-        for key, param in params.items():
-            value = tensors[key]
-            if tuple(value.shape) != tuple(param.shape):
-                raise AdapterFormatError(
-                    f"adapter {where} tensor {key!r} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(param.shape)} for this base and rank"
-                )
-            if not torch.isfinite(value).all():
-                raise AdapterFormatError(f"adapter {where} tensor {key!r} holds NaN/inf")
-            with torch.no_grad():
-                param.copy_(value.to(dtype=param.dtype, device=param.device))
 
     # ---------------------------------------------------------------- forward
     def route(self, data: dict[str, torch.Tensor], adapters: Sequence[str | None]) -> None:

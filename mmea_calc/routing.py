@@ -33,14 +33,24 @@ from mmea_calc.errors import ConfigError
 from mmea_calc.mace_model import radial_features
 
 __all__ = [
+    "ADAPTER_INDEX_KEY",
     "DEFAULT_SHARPNESS",
     "DESCRIPTOR_NAME",
+    "PER_ATOM_KEY",
+    "SHARPNESS_KEY",
     "STD_FLOOR",
     "NeighbourhoodStatistics",
     "mixture_weights",
     "neighbourhood_descriptor",
 ]
 
+#: Graph-dict key of the per-node adapter index (into ``AdaptedModel.adapter_names``; -1 = base).
+ADAPTER_INDEX_KEY = "mmea_adapter_index"
+#: Graph-dict key of per-atom routing: the indices (into ``adapter_names``) of the adapters every
+#: node mixes with its own weights; see :meth:`~mmea_calc.AdaptedModel.route_per_atom`.
+PER_ATOM_KEY = "mmea_per_atom_adapters"
+#: Graph-dict key of per-atom routing's sharpness (a 0-d tensor; default ``DEFAULT_SHARPNESS``).
+SHARPNESS_KEY = "mmea_routing_sharpness"
 #: Default exponent of the per-atom weights, ``w ~ (1 + s)^-sharpness``.
 DEFAULT_SHARPNESS = 4.0
 #: Floor of each descriptor channel's spread (descriptor units: a fraction of one neighbour's
