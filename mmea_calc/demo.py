@@ -455,13 +455,13 @@ def _per_atom(
             )
     record = _md(first, label, "per-atom", settings.solvated_steps, 300.0, settings, say,
                  progress, seed)  # fmt: skip
+    references = [reference_values([atoms])["forces"] for atoms in frames]
     errors = {}
     for model_label, select in (("base", None), *((n, n) for n in names), ("per-atom", "per-atom")):
         per_atom.set_adapter(select)
         results = per_atom.calculate_batch(frames, properties=("energy", "forces"))
         rows: dict[str, list[np.ndarray]] = {"all": [], "solute": [], "water": []}
-        for atoms, result, mask in zip(frames, results, masks, strict=True):
-            reference = reference_values([atoms])["forces"]
+        for reference, result, mask in zip(references, results, masks, strict=True):
             error = np.abs(result["forces"] - reference).mean(axis=1)
             rows["all"].append(error)
             rows["solute"].append(error[mask])

@@ -34,9 +34,9 @@ __all__ = [
     "AdapterSelector",
     "Choice",
     "describe_environment",
+    "describe_neighbourhoods",
     "descriptor_distance",
     "invariant_descriptors",
-    "neighbourhood_statistics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def invariant_descriptors(
     return result
 
 
-def neighbourhood_statistics(
+def describe_neighbourhoods(
     model: Any, atoms_list: Sequence[ase.Atoms], batch_size: int = 16
 ) -> dict[str, Any]:
     """Per-element mean/std of the per-atom routing descriptor
@@ -109,7 +109,7 @@ def describe_environment(model: Any, atoms_list: Sequence[ase.Atoms]) -> dict[st
     Returns:
         JSON-ready dict: elements, atomic numbers, structure count, periodic fraction,
         per-element descriptor mean/std/count (``descriptor``, for ``select="auto"``) and the
-        per-atom routing statistics (``neighbourhood``, :func:`neighbourhood_statistics`).
+        per-atom routing statistics (``neighbourhood``, :func:`describe_neighbourhoods`).
     """
     if len(atoms_list) == 0:
         raise ConfigError("describe_environment needs at least one structure")
@@ -131,7 +131,7 @@ def describe_environment(model: Any, atoms_list: Sequence[ase.Atoms]) -> dict[st
         "n_structures": len(atoms_list),
         "periodic_fraction": float(np.mean([a.pbc.all() for a in atoms_list])),
         "descriptor": {"dim": int(feats.shape[1]), "per_element": per_element},
-        "neighbourhood": neighbourhood_statistics(model, list(atoms_list)),
+        "neighbourhood": describe_neighbourhoods(model, list(atoms_list)),
     }
 
 
