@@ -7,6 +7,15 @@ Base model ``../shared/assets/models/mace-spice-small.model`` (skips with a mess
 * acetylacetone (``data/acac``): train on ``train_300K`` (valid: a seeded 10 % split), test on
   ``test_MD_300K`` and ``test_MD_600K`` (the 600 K set measures extrapolation).
 
+Two protocols (``--protocol``): ``100/50`` trains on the whole train file and validates on
+``valid.xyz``; ``50/50`` is what the MMEA authors' runs do (``valid_fraction=0.5`` on the
+100-frame train file): a seeded half of the train file trains, the other half validates (acac:
+half of ``train_300K`` each).
+
+Methods: ``base``; ``mmea-rN`` (gates, rank N); ``mmea-paper-rN`` (preset ``paper``: gates plus
+the authors' LoRA/contraction/Bessel parts, LoRA rank N, alpha N); ``lora-rN`` (mace-torch's
+LoRA, its default alpha 1) and ``lora-rN-aM`` (alpha M); ``full``.
+
 Every method gets the same data, loss, per-element E0 refit, schedule, epochs and seed. Each
 (dataset, method) job runs in a fresh process, so its peak RSS is its own. Results are written to
 the JSON after every job and finished jobs are skipped on a re-run (``--fresh`` to redo), so a long
@@ -48,40 +57,48 @@ ALL_MOLECULES = (
 )
 
 
-def _parse_label(label: str) -> tuple[str, int, float | None]:
-    """``mmea-r8`` -> ("mmea", 8, None); ``lora-r16-a16`` -> ("lora", 16, 16.0).
+def _parse_label(label: str) -> tuple[str, int, float | None, str]:
+    """``mmea-r8`` -> ("mmea", 8, None, "gates"); ``lora-r16-a16`` -> ("lora", 16, 16.0,
+    "gates"); ``mmea-paper-r16`` -> ("mmea", 16, None, "paper").
 
     ``-aM`` sets LoRA's alpha (scaling ``alpha / rank``); without it mace-torch's default
-    alpha = 1 applies. ``full`` trains every tensor (the rank is unused).
+    alpha = 1 applies to ``lora`` and alpha = rank to ``mmea-paper``. ``full`` trains every
+    tensor (the rank is unused).
     """
     if label in METHODS:
-        return (*METHODS[label], None)
+        return (*METHODS[label], None, "gates")
     method, _, rest = label.partition("-r")
+    preset = "gates"
+    if method == "mmea-paper":
+        method, preset = "mmea", "paper"
     rank, has_alpha, alpha = rest.partition("-a")
     ok = method in ("mmea", "lora") and rank.isdigit() and int(rank) > 0
     if ok and has_alpha:
-        ok = method == "lora" and alpha.isdigit() and int(alpha) > 0
+        ok = (method == "lora" or preset == "paper") and alpha.isdigit() and int(alpha) > 0
     if ok:
-        return method, int(rank), float(alpha) if alpha else None
+        return method, int(rank), float(alpha) if alpha else None, preset
     raise SystemExit(
-        f"unknown method {label!r}: use base, full, mmea-rN, lora-rN or lora-rN-aM (LoRA alpha M), "
-        f"e.g. {', '.join(METHODS)}, lora-r16-a16"
+        f"unknown method {label!r}: use base, full, mmea-rN, mmea-paper-rN, lora-rN or "
+        f"lora-rN-aM (LoRA alpha M), e.g. {', '.join(METHODS)}, mmea-paper-r16, lora-r16-a16"
     )
 
 
 def _datasets(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     sets: dict[str, dict[str, object]] = {}
+    halves = args.protocol == "50/50"
     for mol in filter(None, args.molecules.split(",")):
         folder = RMD17 / mol
         sets[f"rmd17-{mol}"] = {
             "train": folder / "train.xyz",
-            "valid": folder / "valid.xyz",
+            "valid": None if halves else folder / "valid.xyz",
+            "valid_fraction": 0.5,  # used only without a valid file
             "tests": {"test": folder / "test.xyz"},
         }
     if args.acac:
         sets["acac"] = {
             "train": ACAC / "train_300K.xyz",
             "valid": None,
+            "valid_fraction": 0.5 if halves else 0.1,
             "tests": {
                 "test_300K": ACAC / "test_MD_300K.xyz",
                 "test_600K": ACAC / "test_MD_600K.xyz",
@@ -111,15 +128,25 @@ def _job(dataset: dict, label: str, epochs: int, threads: int, n_test: int | Non
         result: dict = {}
         module = base
         if label != "base":
-            method, rank, alpha = _parse_label(label)
+            method, rank, alpha, preset = _parse_label(label)
             extra = {} if alpha is None else {"lora_alpha": alpha}
-            config = TrainConfig(method=method, rank=rank, epochs=epochs, patience=None, **extra)
-            result.update(extra)
+            config = TrainConfig(
+                method=method,
+                rank=rank,
+                preset=preset,
+                epochs=epochs,
+                patience=None,
+                valid_fraction=dataset["valid_fraction"],
+                **extra,
+            )
+            result.update(extra, preset=preset)
             tic = time.perf_counter()
             fit = fit_adapter(base, train, valid, config, name=label.replace("-", "_"))
             module = fit.model
             result.update(
                 trainable_parameters=fit.trainable_parameters,
+                n_train=fit.metrics["train"]["n_structures"],
+                n_valid=fit.metrics["valid"]["n_structures"],
                 seconds_per_epoch=fit.seconds_per_epoch,
                 fit_seconds=time.perf_counter() - tic,
                 best_epoch=fit.best_epoch,
@@ -161,6 +188,7 @@ def _plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
     styles = {
         "mmea": ("o", "C0"),
+        "mmea-paper": ("P", "C4"),
         "lora": ("s", "C1"),
         "lora-alpha": ("^", "C3"),
         "full": ("D", "C2"),
@@ -172,8 +200,8 @@ def _plot(results: dict, path: Path) -> None:
             if label == "base":
                 ax.set_title(f"{name} {test}\n(base, no fine-tuning: {mae:.0f} meV/Å)", fontsize=8)
                 continue
-            kind = label.split("-")[0]
-            marker, color = styles["lora-alpha" if "-a" in label else kind]
+            kind = "mmea-paper" if label.startswith("mmea-paper") else label.split("-")[0]
+            marker, color = styles["lora-alpha" if kind == "lora" and "-a" in label else kind]
             ax.scatter(res["trainable_parameters"], mae, marker=marker, color=color)
             ax.annotate(label, (res["trainable_parameters"], mae), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
@@ -200,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         default="base," + ",".join(METHODS),
         help="comma-separated: base, full, mmea-rN, lora-rN, lora-rN-aM (LoRA alpha M; default 1)",
+    )
+    parser.add_argument(
+        "--protocol",
+        default="100/50",
+        choices=["100/50", "50/50"],
+        help="100/50: train.xyz trains, valid.xyz validates; 50/50 (the MMEA authors'): halves "
+        "of train.xyz",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
     parser.add_argument(
@@ -234,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{out} holds {stored}-epoch results; finishing it with --epochs {args.epochs} would "
             f"mix schedules: use --epochs {stored}, another --out, or --fresh"
         )
+    stored = results.get("setup", {}).get("protocol", "100/50")  # older files: 100/50
+    if pending and "setup" in results and stored != args.protocol:
+        raise SystemExit(
+            f"{out} holds protocol {stored} results, not {args.protocol}: use another --out"
+        )
     command = "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:])
     if pending or "setup" not in results:  # a re-run that only re-plots keeps the record
         previous = results.get("setup", {})
@@ -242,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         results["setup"] = {
             "model": MODEL.name,
             "epochs": args.epochs,
+            "protocol": args.protocol,
             "threads": args.threads,
             "jobs": args.jobs,
             "machine": platform.machine(),

@@ -56,6 +56,20 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--method", default="mmea", choices=["mmea", "lora", "full"])
     p.add_argument("--rank", type=int, default=16, help="MMEA or LoRA rank")
     p.add_argument(
+        "--preset",
+        default="gates",
+        choices=["gates", "paper"],
+        help="MMEA: 'gates' (the gates alone) or 'paper' (also the LoRA/contraction/Bessel parts "
+        "the MMEA authors train)",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="LoRA scaling numerator (scaling alpha/rank) for --method lora and --preset paper "
+        "(default: mace-torch's 1 for lora, the rank for paper)",
+    )
+    p.add_argument(
         "--logit-bound",
         type=_bound,
         default=10.0,
@@ -248,6 +262,8 @@ def _cmd_finetune(args: argparse.Namespace, stdout: TextIO) -> int:
     config = TrainConfig(
         method=args.method,
         rank=args.rank,
+        preset=args.preset,
+        lora_alpha=args.lora_alpha,
         logit_bound=args.logit_bound,
         epochs=args.epochs,
         lr=args.lr,
@@ -469,11 +485,15 @@ def _cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
 
 def _info_text(info: dict[str, Any]) -> str:
     lines = []
-    keys = ("path", "kind", "method", "name", "rank", "logit_bound", "calibrated")
+    keys = ("path", "kind", "method", "preset", "name", "rank", "lora_alpha", "logit_bound")
+    keys = (*keys, "calibrated")
     keys = (*keys, "routing_statistics")
     for key in (*keys, "trainable_parameters", "fingerprint"):
         if info.get(key) is not None:
             lines.append(f"{key:22s}{info[key]}")
+    parts = info.get("trainable_parameters_per_part") or {}
+    if len(parts) > 1:
+        lines.append(f"{'  per part':22s}" + ", ".join(f"{k} {v}" for k, v in parts.items()))
     lines.append(f"{'elements':22s}{' '.join(info.get('elements') or [])}")
     targets = info.get("targets") or []
     if targets:

@@ -30,7 +30,14 @@ def describe_path(path: str) -> dict[str, Any]:
         info = _describe_model(target / MODEL_NAME, kind="finetune")
         info.update(method=training["method"], name=training.get("name"))
         info["trainable_parameters"] = training["trainable_parameters"]
-        info["rank"] = training["config"]["rank"] if training["method"] == "lora" else None
+        lora = training["method"] == "lora"
+        info["rank"] = training["config"]["rank"] if lora else None
+        if lora:  # runs written before the default changed to None used mace's alpha 1
+            alpha = training["config"].get("lora_alpha")
+            info["lora_alpha"] = 1.0 if alpha is None else alpha
+        info["trainable_parameters_per_part"] = {
+            training["method"]: training["trainable_parameters"]
+        }
         info["base_fingerprint"] = training.get("base", {}).get("fingerprint")
     elif target.is_file() or (target / BASE_CONFIG_NAME).is_file():  # .model file or base dir
         info = _describe_model(target, kind="base")
@@ -55,7 +62,10 @@ def _describe_adapter(directory: Path) -> dict[str, Any]:
         "name": cfg.get("name"),
         "rank": cfg["rank"],
         "phi": cfg["phi"],
+        "preset": cfg.get("preset", "gates"),
+        "lora_alpha": cfg.get("lora_alpha"),
         "trainable_parameters": int(sum(t.numel() for t in tensors.values())),
+        "trainable_parameters_per_part": _per_part(cfg, tensors),
         "targets": list(cfg["targets"]),
         "fingerprint": cfg["base"]["fingerprint"],
         "base": cfg["base"],
@@ -67,6 +77,21 @@ def _describe_adapter(directory: Path) -> dict[str, Any]:
         "routing_statistics": bool(environment.get("neighbourhood")),
         "training": cfg.get("training"),
     }
+
+
+def _per_part(cfg: dict[str, Any], tensors: dict[str, Any]) -> dict[str, int]:
+    """Scalars per part (``gates``, and the ``paper`` preset's parts), from the tensor keys:
+    ``<target linear>.<gate tensor>`` or ``<base tensor>.<factor>``."""
+    owners = {t: "gates" for t in cfg["targets"]}
+    owners.update(cfg.get("paper_tensors") or {})
+    counts: dict[str, int] = {"gates": 0}
+    for key, tensor in tensors.items():
+        owner = max((o for o in owners if key.startswith(o + ".")), key=len, default=None)
+        if owner is None:
+            raise AdapterFormatError(f"adapter tensor {key!r} belongs to no target nor part")
+        part = owners[owner]
+        counts[part] = counts.get(part, 0) + int(tensor.numel())
+    return counts
 
 
 def _describe_model(path: Path, kind: str) -> dict[str, Any]:

@@ -217,6 +217,7 @@ def _describe(
         "adapter_rank": config.rank,
         "adapter_phi": config.phi,
         "adapter_logit_bound": config.logit_bound,
+        "adapter_preset": config.preset,
         "adapter_targets": model.adapter_targets(name),
         "adapter_e0s_folded": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
         "base": info,

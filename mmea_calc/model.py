@@ -41,6 +41,7 @@ from mmea_calc.errors import (
 from mmea_calc.identity import base_info
 from mmea_calc.mace_model import atomic_energies, node_energy_module
 from mmea_calc.model_files import AdapterFiles
+from mmea_calc.paper import PaperParts, mixed_hooks
 from mmea_calc.routing import (
     ADAPTER_INDEX_KEY,
     DEFAULT_SHARPNESS,
@@ -101,6 +102,19 @@ def _per_graph_max(grades: list[torch.Tensor], data: Mapping[str, Any]) -> torch
     return out.scatter_reduce(0, data["batch"], node, reduce="amax", include_self=True)
 
 
+def _slot_rows(data: Mapping[str, Any], route: Route) -> tuple[list, list]:
+    """Per slot of a mixed route: its node indices and the indices of the edges they send."""
+    sender = data["edge_index"][0]
+    num_nodes = int(data["node_attrs"].shape[0])
+    nodes, edges = [], []
+    for _, index in route.slots:
+        mask = torch.zeros(num_nodes, dtype=torch.bool, device=sender.device)
+        mask[index] = True
+        nodes.append(index)
+        edges.append(torch.nonzero(mask[sender]).squeeze(1))
+    return nodes, edges
+
+
 def _e0_dict(e0s: Mapping[int, float] | None) -> dict[int, float] | None:
     return {int(z): float(v) for z, v in e0s.items()} if e0s else None
 
@@ -145,6 +159,7 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         super().__init__()
         self.base_model = load_base(base, device=device, dtype=dtype)
         self.mmea_layers = torch.nn.ModuleDict()
+        self.paper_parts = torch.nn.ModuleDict()  # adapter name -> PaperParts (preset "paper")
         self._linears = _adaptable_linears(self.base_model)  # plain dict: not submodules here
         self._records: dict[str, _AdapterRecord] = {}
         self._active: str | None = None
@@ -302,6 +317,9 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                 logit_bound=config.logit_bound,
             )
             gate.requires_grad_(is_trainable)
+        if config.preset == "paper":
+            parts = PaperParts(self.base_model, config.rank, config.lora_scaling)
+            self.paper_parts[name] = parts.requires_grad_(is_trainable)
         self._records[name] = _AdapterRecord(
             config=config, targets=targets, e0s=_e0_dict(e0s), metadata=dict(metadata or {})
         )
@@ -327,6 +345,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
             del layer.gates[name]
             if not layer.gates:
                 del self.mmea_layers[_layer_key(target)]
+        if name in self.paper_parts:
+            del self.paper_parts[name]
         del self._records[name]
         if self._active == name:
             self._active = None
@@ -352,6 +372,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
             gate = self.mmea_layers[_layer_key(target)].gates[name]
             for pname, param in gate.named_parameters():
                 yield f"{target}.{pname}", param
+        if name in self.paper_parts:
+            yield from self.paper_parts[name].named_tensors()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.named_adapter_parameters(name)}
@@ -359,6 +381,28 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
     def num_trainable_parameters(self, name: str) -> int:
         """Number of scalars one adapter holds (what training updates; the base not counted)."""
         return sum(p.numel() for p in self.adapter_parameters(name))
+
+    def parameters_per_part(self, name: str) -> dict[str, int]:
+        """Scalars of adapter ``name`` per part: ``gates`` and, for the ``paper`` preset, the
+        parts of :data:`mmea_calc.paper.PARTS`. The values sum to
+        :meth:`num_trainable_parameters`."""
+        record = self._record(name)
+        gates = (self.mmea_layers[_layer_key(t)].gates[name] for t in record.targets)
+        counts = {"gates": sum(p.numel() for g in gates for p in g.parameters())}
+        if name in self.paper_parts:
+            counts.update(self.paper_parts[name].parameters_per_part())
+        return counts
+
+    def _refuse_paper(self, names: Sequence[str]) -> None:
+        paper = [n for n in names if n in self.paper_parts]
+        if paper:
+            raise ConfigError(
+                f"per-atom routing cannot serve adapters {paper} (preset 'paper'): it blends "
+                "gates per atom, but their radial-MLP LoRA and Bessel frequencies act on edges "
+                "(an edge between atoms with different weights has no single radial function) "
+                "and their skip-TP and contraction updates are not gates; route them per "
+                "structure (select='auto' or a name), or train preset 'gates' adapters"
+            )
 
     # ---------------------------------------------------------------- forward
     def route(self, data: dict[str, torch.Tensor], adapters: Sequence[str | None]) -> None:
@@ -387,6 +431,7 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         names = list(self.adapter_names if adapters is None else adapters)
         if not names:
             raise AdapterNotFoundError("per-atom routing needs at least one loaded adapter")
+        self._refuse_paper(names)
         if not sharpness > 0:
             raise ConfigError(f"the routing sharpness must be > 0, got {sharpness!r}")
         attrs = data["node_attrs"]
@@ -436,6 +481,7 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                 f"(adapters {names_all})"
             )
         names = tuple(names_all[i] for i in indices)
+        self._refuse_paper(names)
         attrs = data["node_attrs"]
         tables = self._tables(names, attrs.dtype, attrs.device)
         element = attrs.argmax(dim=1)
@@ -527,7 +573,14 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         if any(calibrated):  # collect how far the nodes lie outside the gates' ranges
             route = Route(route.num_nodes, route.slots, extrapolation=[], mixture=route.mixture)
         handles = []
+        substitutions = None
+        paper = [self.paper_parts[n] if n in self.paper_parts else None for n, _ in route.slots]
         try:
+            if any(p is not None for p in paper):
+                if route.slots[0][1] is None:  # one adapter serves every node: swap tensors
+                    substitutions = paper[0].substitutions(self.base_model)
+                else:  # re-evaluate the touched modules per adapter on its own nodes/edges
+                    handles += mixed_hooks(self.base_model, paper, *_slot_rows(data, route))
             for target in targets:
                 layer = self.mmea_layers[_layer_key(target)]
                 hook = functools.partial(_hook, layer, route)
@@ -537,7 +590,10 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                 if energy_hook is not None:
                     module = node_energy_module(self.base_model)
                     handles.append(module.register_forward_hook(energy_hook))
-            out = self.base_model(data, **kwargs)
+            if substitutions is None:
+                out = self.base_model(data, **kwargs)
+            else:
+                out = torch.func.functional_call(self.base_model, substitutions, (data,), kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -597,6 +653,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
             parent = frozen.get_submodule(parent_name)
             baked = FrozenMMEALinear(getattr(parent, child), self.layer(target), name)
             setattr(parent, child, baked)
+        if name in self.paper_parts:
+            self.paper_parts[name].merge_into(frozen)
         if record.e0s:
             e0 = atomic_energies(frozen)
             zs = [int(z) for z in frozen.atomic_numbers]

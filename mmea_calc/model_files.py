@@ -67,12 +67,16 @@ class AdapterFiles:
             "phi": config.phi,
             "shift_init_std": config.shift_init_std,
             "logit_bound": config.logit_bound,
+            "preset": config.preset,
+            "lora_alpha": config.lora_alpha,
             "target_patterns": config.targets,
             "targets": {
                 t: {"irreps_in": str(layer.irreps_in), "irreps_out": str(layer.irreps_out)}
                 for t in record.targets
                 for layer in [self.layer(t)]
             },
+            # the preset "paper" parts: {base tensor: part} (their tensors: "<base tensor>.*")
+            "paper_tensors": self._paper_document(name),
             "base": self.base_info,
             "e0s": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
             "environment": meta.get("environment"),
@@ -80,6 +84,11 @@ class AdapterFiles:
             **self._ranges_document(name),
         }
         return write_adapter_dir(directory, document, self.adapter_state_dict(name))
+
+    def _paper_document(self, name: str) -> dict[str, str] | None:
+        if name not in self.paper_parts:
+            return None
+        return {t: spec.part for t, spec in self.paper_parts[name].specs.items()}
 
     def _gates(self, name: str) -> dict[str, Any]:
         """``{target: MMEAGate}`` of one adapter."""
@@ -240,8 +249,11 @@ class AdapterFiles:
                 shift_init_std=float(cfg.get("shift_init_std", 0.0)),
                 # absent in files written before the bound existed: those were trained unbounded
                 logit_bound=cfg.get("logit_bound"),
+                # absent in files written before presets existed: gates only
+                preset=cfg.get("preset", "gates"),
+                lora_alpha=cfg.get("lora_alpha"),
             )
-        except (TypeError, ValueError) as exc:
+        except (ConfigError, TypeError, ValueError) as exc:
             raise AdapterFormatError(f"adapter config in {where} is invalid: {exc}") from exc
         e0s = {int(z): float(v) for z, v in (cfg.get("e0s") or {}).items()}
         meta = {k: cfg.get(k) for k in ("environment", "training")}

@@ -36,6 +36,7 @@ import torch
 from mmea_calc import _trainer
 from mmea_calc._deps import lora
 from mmea_calc.base import base_info, load_base, resolve_dtype
+from mmea_calc.config import PRESETS
 from mmea_calc.data import (
     DataKeys,
     atoms_to_graph,
@@ -97,7 +98,12 @@ class TrainConfig:
         rank: MMEA bottleneck rank, or LoRA rank.
         phi, targets, logit_bound: MMEA gate map, target patterns and soft bound on gate logits
             (see :class:`~mmea_calc.MMEAConfig`).
-        lora_alpha: LoRA scaling numerator (``scaling = alpha / rank``), as in mace-torch.
+        preset: MMEA only: ``"gates"`` (the gates alone) or ``"paper"`` (also what the MMEA
+            authors train: :mod:`mmea_calc.paper`).
+        lora_alpha: LoRA scaling numerator (``scaling = alpha / rank``) of method ``lora`` and
+            of the ``paper`` preset's LoRA parts. ``None`` (default): mace-torch's default 1
+            for ``lora`` (a rank-``r`` update then moves by ``1/r``: pass ``lora_alpha=rank``
+            for a fair comparison), ``rank`` for ``paper`` (the authors' 16 at rank 16).
         epochs, lr, batch_size: the schedule (Adam with amsgrad by default).
         energy_weight, forces_weight, stress_weight: loss weights of the MSE of energy per atom
             (eV/atom), forces (eV/Å) and stress (eV/Å³).
@@ -125,7 +131,8 @@ class TrainConfig:
     phi: str = "exp"
     targets: list[str] | None = None
     logit_bound: float | None = 10.0
-    lora_alpha: float = 1.0
+    preset: str = "gates"
+    lora_alpha: float | None = None
     epochs: int = 200
     lr: float = 5e-3
     batch_size: int = 5
@@ -151,6 +158,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not supported; valid: {list(METHODS)}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset {self.preset!r} is not known; valid: {list(PRESETS)}")
+        if self.preset != "gates" and self.method != "mmea":
+            raise ConfigError(f"preset {self.preset!r} is for method 'mmea', not {self.method!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0 or None, got {self.lora_alpha!r}")
         positive = ("rank", "epochs", "batch_size", "eval_batch_size")
         for name in positive:
             value = getattr(self, name)
@@ -312,13 +325,16 @@ def _make_subject(
                 phi=config.phi,
                 targets=config.targets,
                 logit_bound=config.logit_bound,
+                preset=config.preset,
+                lora_alpha=config.lora_alpha,
             )
             model.add_adapter(name, mmea)
             subject: _Subject = _MMEASubject(model, name)
         else:
             base = copy.deepcopy(model)
             if config.method == "lora":
-                lora.inject_LoRAs(base, rank=config.rank, alpha=config.lora_alpha)
+                alpha = 1.0 if config.lora_alpha is None else config.lora_alpha  # mace's default
+                lora.inject_LoRAs(base, rank=config.rank, alpha=alpha)
             else:
                 for param in base.parameters():
                     param.requires_grad_(True)

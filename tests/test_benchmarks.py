@@ -49,14 +49,24 @@ def toy_rmd17(tmp_path, monkeypatch):
 def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch):
     accuracy = toy_rmd17
     out, png = tmp_path / "acc.json", tmp_path / "acc.png"
-    args = ["--epochs", "1", "--molecules", "toy", "--methods", "base,mmea-r8,lora-r4"]
+    args = [
+        "--epochs",
+        "1",
+        "--molecules",
+        "toy",
+        "--methods",
+        "base,mmea-r8,mmea-paper-r4,lora-r4",
+    ]
     args += ["--threads", "1", "--jobs", "2", "--out", str(out), "--plot", str(png)]
     assert accuracy.main(args) == 0
     results = json.loads(out.read_text())
     jobs = results["datasets"]["rmd17-toy"]
-    assert set(jobs) == {"base", "mmea-r8", "lora-r4"}
+    assert set(jobs) == {"base", "mmea-r8", "mmea-paper-r4", "lora-r4"}
     assert jobs["base"]["trainable_parameters"] == 0
     assert jobs["mmea-r8"]["trainable_parameters"] > 0
+    assert jobs["mmea-paper-r4"]["preset"] == "paper"
+    assert jobs["mmea-paper-r4"]["trainable_parameters"] > jobs["mmea-r8"]["trainable_parameters"]
+    assert (jobs["mmea-r8"]["n_train"], jobs["mmea-r8"]["n_valid"]) == (8, 4)  # protocol 100/50
     assert jobs["lora-r4"]["trainable_parameters"] > 0
     for res in jobs.values():
         test = res["tests"]["test"]
@@ -97,13 +107,25 @@ def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch
         "python benchmarks/accuracy.py " + " ".join(more),
     ]
 
+    # The authors' protocol: halves of train.xyz; never mixed into a 100/50 file.
+    halves = [*args[:4], "--methods", "mmea-r16", "--threads", "1", "--protocol", "50/50"]
+    with pytest.raises(SystemExit, match="protocol 100/50"):
+        accuracy.main([*halves, "--out", str(out)])
+    assert accuracy.main([*halves, "--out", str(tmp_path / "halves.json")]) == 0
+    res = json.loads((tmp_path / "halves.json").read_text())
+    assert res["setup"]["protocol"] == "50/50"
+    split = res["datasets"]["rmd17-toy"]["mmea-r16"]
+    assert (split["n_train"], split["n_valid"]) == (4, 4)
+
 
 def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path, monkeypatch):
     accuracy = _load("accuracy")
     # Were a label wrongly accepted, main() must not start hours of work on the real assets.
     monkeypatch.setattr(accuracy, "MODEL", tmp_path / "absent.model")
-    assert accuracy._parse_label("mmea-r32") == ("mmea", 32, None)
-    assert accuracy._parse_label("lora-r16-a16") == ("lora", 16, 16.0)
+    assert accuracy._parse_label("mmea-r32") == ("mmea", 32, None, "gates")
+    assert accuracy._parse_label("lora-r16-a16") == ("lora", 16, 16.0, "gates")
+    assert accuracy._parse_label("mmea-paper-r16") == ("mmea", 16, None, "paper")
+    assert accuracy._parse_label("mmea-paper-r8-a16") == ("mmea", 8, 16.0, "paper")
     for bad in ("mmea-x", "mmea-r8-a8", "lora-r4-a", "lora-r0", "full-r4"):
         with pytest.raises(SystemExit, match=rf"unknown method '{bad}'.*lora-rN-aM"):
             accuracy.main(["--methods", f"base,{bad}", "--out", str(tmp_path / "a.json")])
