@@ -393,7 +393,9 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
             counts.update(self.paper_parts[name].parameters_per_part())
         return counts
 
-    def _refuse_paper(self, names: Sequence[str]) -> None:
+    def check_per_atom(self, names: Sequence[str]) -> None:
+        """Raise :class:`~mmea_calc.errors.ConfigError` unless per-atom routing can serve the
+        adapters ``names``: preset ``gates`` only, each with its neighbourhood statistics."""
         paper = [n for n in names if n in self.paper_parts]
         if paper:
             raise ConfigError(
@@ -403,6 +405,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                 "and their skip-TP and contraction updates are not gates; route them per "
                 "structure (select='auto' or a name), or train preset 'gates' adapters"
             )
+        for name in names:
+            self.neighbourhood_statistics(name)
 
     # ---------------------------------------------------------------- forward
     def route(self, data: dict[str, torch.Tensor], adapters: Sequence[str | None]) -> None:
@@ -431,7 +435,7 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         names = list(self.adapter_names if adapters is None else adapters)
         if not names:
             raise AdapterNotFoundError("per-atom routing needs at least one loaded adapter")
-        self._refuse_paper(names)
+        self.check_per_atom(names)
         if not sharpness > 0:
             raise ConfigError(f"the routing sharpness must be > 0, got {sharpness!r}")
         attrs = data["node_attrs"]
@@ -481,7 +485,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                 f"(adapters {names_all})"
             )
         names = tuple(names_all[i] for i in indices)
-        self._refuse_paper(names)
+        if any(n in self.paper_parts for n in names):
+            self.check_per_atom(names)  # raises: they cannot be mixed per atom
         attrs = data["node_attrs"]
         tables = self._tables(names, attrs.dtype, attrs.device)
         element = attrs.argmax(dim=1)

@@ -238,10 +238,9 @@ class AdapterSelector:
         if name in (None, "base"):
             return None
         if name == PER_ATOM:
-            for adapter in self.model.adapter_names or [None]:
-                if adapter is None:
-                    raise AdapterNotFoundError("per-atom routing needs loaded adapters; none are")
-                self.model.neighbourhood_statistics(adapter)  # a clear error if absent
+            if not self.model.adapter_names:
+                raise AdapterNotFoundError("per-atom routing needs loaded adapters; none are")
+            self.model.check_per_atom(self.model.adapter_names)  # a clear error if it cannot
             return name
         if name not in self.model.adapter_names:
             raise AdapterNotFoundError(

@@ -17,6 +17,7 @@ from mmea_calc.cli import main
 from mmea_calc.data import atoms_to_graph, collate
 from mmea_calc.errors import ConfigError
 from mmea_calc.export import export_lammps
+from mmea_calc.model import PER_ATOM_KEY
 from mmea_calc.paper import PARTS
 from mmea_calc.testing import (
     build_tiny_mace,
@@ -153,6 +154,11 @@ def test_per_atom_routing_refuses_paper_adapters():
     data = collate([atoms_to_graph(molecule(), model.base_info)], dtype=torch.float64)
     with pytest.raises(ConfigError, match="radial-MLP LoRA and Bessel frequencies act on edges"):
         model.route_per_atom(data, ["p"])
+    data[PER_ATOM_KEY] = torch.tensor([0])  # set by hand: refused in the forward call too
+    with pytest.raises(ConfigError, match=r"adapters \['p'\] \(preset 'paper'\)"):
+        model(data)
+    with pytest.raises(ConfigError, match="route them per structure"):
+        MMEACalculator(model, select="per-atom")
 
 
 @pytest.mark.filterwarnings("ignore::mmea_calc.errors.UncalibratedAdapterWarning")
