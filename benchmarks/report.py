@@ -25,7 +25,7 @@ ORDER = ("base", "mmea-r8", "mmea-r16", "lora-r4", "lora-r16", "full")
 # The race of issue 16: the paper preset against full fine-tuning, and gate-only MMEA against
 # LoRA with alpha = rank (scaling 1) at equal or fewer trainable parameters.
 PAPER = "mmea-paper-r16"
-GATES = ("mmea-r8", "mmea-r16")
+GATES = ("mmea-r8", "mmea-r16", "mmea-r32")
 LORA_ALPHA = ("lora-r4-a4", "lora-r16-a16")
 # Goal 1 pairs: (MMEA, LoRA) at equal or fewer MMEA parameters; LoRA with mace-torch's default
 # alpha = 1 and, where it was run, with alpha = rank (scaling 1). LoRA r6 (11,718 parameters on

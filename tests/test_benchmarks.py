@@ -184,6 +184,43 @@ def test_report_goal_check_counts_wins_and_misses():
     assert "goal check skipped" in report.accuracy_tables(results)
 
 
+def test_report_race_compares_paper_with_full_and_gates_with_lora_at_no_more_parameters():
+    report = _load("report")
+
+    def job(params, f_mae):
+        metrics = {"energy_mae_meV_per_atom": 1.0, "forces_mae_meV_per_A": f_mae}
+        return {"trainable_parameters": params, "tests": {"test": metrics}}
+
+    def dataset(full, paper, gates8, gates16, lora4, lora16):
+        return {
+            "full": job(150800, full), "mmea-paper-r16": job(86602, paper),
+            "mmea-r8": job(6282, gates8), "mmea-r16": job(12130, gates16),
+            "lora-r4-a4": job(7812, lora4), "lora-r16-a16": job(31248, lora16),
+        }  # fmt: skip
+
+    results = {
+        "datasets": {
+            # paper 30/31 wins; best LoRA is r4 (7,812): only gates r8 may answer, 41/40 loses
+            "a": dataset(31, 30, 41, 20, 40, 45),
+            # paper loses; best LoRA r16: gates r16 (fewer parameters) 35/36 wins
+            "b": dataset(30, 33, 50, 35, 45, 36),
+            "c": {"full": job(150800, 10.0)},  # nothing else run: dashes, not counted
+        }
+    }
+    text = report.race_table(results)
+    assert (
+        "| a (test) | 31.0 | 30.0 | 0.968 ✔ | 40.0 (lora-r4-a4) | 41.0 (mmea-r8) | 1.025 ✘ |"
+        in text
+    )
+    assert (
+        "| b (test) | 30.0 | 33.0 | 1.100 ✘ | 36.0 (lora-r16-a16) | 35.0 (mmea-r16) | 0.972 ✔ |"
+        in text
+    )
+    assert "| c (test) | 10.0 | – | – | – | – | – |" in text
+    assert "paper preset ≤ full fine-tuning on 1 of 2 test sets" in text
+    assert "at no more parameters on 1 of 2" in text
+
+
 def test_speed_replot_draws_from_results(tmp_path):
     speed = _load("speed")
     rows = [
