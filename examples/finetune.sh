@@ -9,8 +9,9 @@
 #           rMD17 aspirin splits in ../shared; the script skips when they are absent)
 # EPOCHS    default 60
 # Environment: OUT (output folder, default runs/finetune), RANK (16), BATCH (5), MD_STEPS (100),
-# COMPARE=1 also trains LoRA (rank 4) and a full fine-tune under the same trainer and evaluates
-# them and the bare base on the test set.
+# PRESET (gates, or paper: also the parts the MMEA authors train), COMPARE=1 also trains LoRA
+# (rank 4, alpha 4), a full fine-tune and a preset-paper adapter under the same trainer and
+# evaluates them and the bare base on the test set.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 base="${1:-embedded}"
@@ -28,7 +29,8 @@ common=(--base "$base" --train "$data/train.xyz" --valid "$data/valid.xyz" --epo
     --batch-size "${BATCH:-5}")
 
 # 1. data -> adapter: a directory with adapter_config.json + adapter_model.safetensors
-mmea-calc finetune "${common[@]}" --out "$out/mmea" --method mmea --rank "$rank" --overwrite
+mmea-calc finetune "${common[@]}" --out "$out/mmea" --method mmea --rank "$rank" \
+    --preset "${PRESET:-gates}" --overwrite
 mmea-calc info "$out/mmea"
 
 # 2. eval on the held-out test set (metrics as JSON)
@@ -41,11 +43,15 @@ python "$root/examples/md.py" --base "$base" --adapters "$out/mmea" \
 
 # optional: the alternatives, same trainer and schedule (whole models in mace's format)
 if [[ "${COMPARE:-0}" == 1 ]]; then
-    for method in lora full; do
+    for method in lora full; do  # LoRA alpha = rank: mace-torch's alpha 1 would scale by 1/4
+        alpha=(); [[ $method == lora ]] && alpha=(--lora-alpha 4)
         mmea-calc finetune "${common[@]}" --out "$out/$method" --method "$method" --rank 4 \
-            --overwrite
+            "${alpha[@]}" --overwrite
         mmea-calc eval --base "$out/$method/model.model" --data "$data/test.xyz" \
             --json "$out/$method-test.json"
     done
+    mmea-calc finetune "${common[@]}" --out "$out/paper" --rank "$rank" --preset paper --overwrite
+    mmea-calc eval --base "$base" --adapter "$out/paper" --data "$data/test.xyz" \
+        --json "$out/paper-test.json"
     mmea-calc eval --base "$base" --data "$data/test.xyz" --json "$out/base-test.json"
 fi

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 RESUMABLE = ("epochs", "patience", "device", "eval_batch_size")
+#: Settings added after checkpoints existed, with the value every run before them had.
+ADDED_SETTINGS = {"preset": "gates"}
 IMPROVEMENT = 1e-4  # relative drop of the validation criterion that counts as better
 
 
@@ -65,6 +67,17 @@ class Run:
         """What must match for a checkpoint to be resumed by this run."""
         config = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
         return {"config": config, "base": self.base["fingerprint"], "data": self.hashes}
+
+
+def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
+    """A run identity with the settings it does not use dropped and the ones added since older
+    checkpoints filled in (so that a checkpoint resumes across those changes)."""
+    config = {**ADDED_SETTINGS, **identity["config"]}
+    if config.get("method") != "lora" and config.get("preset") != "paper":
+        config.pop("lora_alpha", None)  # unused by this run
+    elif config.get("lora_alpha") is None:  # the defaults: mace-torch's 1, the paper's rank
+        config["lora_alpha"] = 1.0 if config.get("method") == "lora" else float(config["rank"])
+    return {**identity, "config": config}
 
 
 @dataclass
@@ -142,7 +155,7 @@ def read_checkpoint(out: Path, run: Run) -> State:
         raise DataError(f"checkpoint {str(path)!r} is unreadable: {exc}") from exc
     if meta.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"checkpoint {str(path)!r} has unknown version {meta.get('version')!r}")
-    want, have = run.identity(), meta["identity"]
+    want, have = _comparable(run.identity()), _comparable(meta["identity"])
     if json.dumps(want, sort_keys=True) != json.dumps(have, sort_keys=True):
         diff = [k for k in want["config"] if want["config"][k] != have["config"].get(k)]
         diff += [k for k in ("base", "data") if want[k] != have[k]]

@@ -164,6 +164,11 @@ class TrainConfig:
             raise ConfigError(f"preset {self.preset!r} is for method 'mmea', not {self.method!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ConfigError(f"lora_alpha must be > 0 or None, got {self.lora_alpha!r}")
+        if self.lora_alpha is not None and self.method != "lora" and self.preset != "paper":
+            raise ConfigError(
+                f"lora_alpha applies to method 'lora' and preset 'paper', not to method "
+                f"{self.method!r} with preset {self.preset!r}"
+            )
         positive = ("rank", "epochs", "batch_size", "eval_batch_size")
         for name in positive:
             value = getattr(self, name)

@@ -266,4 +266,6 @@ def test_cli_preset_and_lora_alpha(tmp_path, capsys):
     assert main([*common, "--out", str(root / "bad"), "--method", "lora", "--preset",
                  "paper"]) != 0  # fmt: skip
     assert "preset 'paper' is for method 'mmea'" in capsys.readouterr().err
+    assert main([*common, "--out", str(root / "bad"), "--lora-alpha", "4"]) != 0  # gates
+    assert "lora_alpha applies to method 'lora' and preset 'paper'" in capsys.readouterr().err
     assert not (root / "bad").exists()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -141,6 +142,34 @@ def test_resume_refuses_other_data(data, tmp_path):
         fit_adapter(
             build_tiny_mace(), train[:-1], valid, config, out_dir=tmp_path / "run", resume=True
         )
+
+
+def test_resume_accepts_a_checkpoint_written_before_presets(data, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    train, valid = data
+    config = TrainConfig(rank=2, epochs=1, batch_size=8)
+    fit_adapter(build_tiny_mace(), train, valid, config, out_dir=tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["mmea_checkpoint"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    old = meta["identity"]["config"]
+    del old["preset"]  # what the previous version wrote: no preset, mace's LoRA alpha 1.0
+    old["lora_alpha"] = 1.0
+    save_file(tensors, str(path), metadata={"mmea_checkpoint": json.dumps(meta)})
+    resumed = fit_adapter(
+        build_tiny_mace(), train, valid, dataclasses.replace(config, epochs=2),
+        out_dir=tmp_path / "run", resume=True,
+    )  # fmt: skip
+    assert resumed.epochs_completed == 2
+    # a real difference is still refused: that checkpoint trained preset "gates"
+    with pytest.raises(DataError, match="preset"):
+        fit_adapter(
+            build_tiny_mace(), train, valid, dataclasses.replace(config, preset="paper"),
+            out_dir=tmp_path / "run", resume=True,
+        )  # fmt: skip
 
 
 def _mean_energy_error_per_atom(module, structures):
