@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/speed.py --threads 2 --out benchmarks/results/speed.json \\
         --plot benchmarks/results/speed.png
+    python benchmarks/speed.py --threads 1 --preset paper --out benchmarks/results/speed_paper.json
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def run(args) -> dict:
     model = AdaptedModel(load_base(MODEL, dtype="float64"))
     base_parameters = sum(p.numel() for p in model.base_model.parameters())  # before adapters
     for i, name in enumerate(("water", "organic")):
-        model.add_adapter(name, MMEAConfig(rank=16))
+        model.add_adapter(name, MMEAConfig(rank=16, preset=args.preset))
         randomize_adapter(model, name, std=0.1, seed=i)
         # gate ranges as every fit records them: the step then pays for saturation, fade and
         # the extrapolation grade too
@@ -161,6 +162,7 @@ def run(args) -> dict:
         },
         "adapter": {
             "rank": 16,
+            "preset": args.preset,
             "trainable_parameters": n_params,
             "base_parameters": base_parameters,
         },
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch-repeats", type=int, default=5)
+    parser.add_argument(
+        "--preset", default="gates", choices=["gates", "paper"], help="the adapters' MMEA preset"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/speed.json"))
     parser.add_argument("--plot", default=None, help="PNG of per-step time vs atoms")
     parser.add_argument(
