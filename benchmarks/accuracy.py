@@ -107,7 +107,9 @@ def _datasets(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     return sets
 
 
-def _job(dataset: dict, label: str, epochs: int, threads: int, n_test: int | None) -> dict:
+def _job(
+    dataset: dict, label: str, epochs: int, threads: int, n_test: int | None, lr: float = 5e-3
+) -> dict:
     """One fit + test evaluation, in its own process (peak RSS measured at the end)."""
     import resource
 
@@ -135,6 +137,7 @@ def _job(dataset: dict, label: str, epochs: int, threads: int, n_test: int | Non
                 rank=rank,
                 preset=preset,
                 epochs=epochs,
+                lr=lr,
                 patience=None,
                 valid_fraction=dataset["valid_fraction"],
                 **extra,
@@ -218,6 +221,7 @@ def _plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=5e-3, help="learning rate (every method)")
     parser.add_argument(
         "--molecules",
         default="aspirin,ethanol,malonaldehyde,paracetamol,toluene",
@@ -269,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{out} holds {stored}-epoch results; finishing it with --epochs {args.epochs} would "
             f"mix schedules: use --epochs {stored}, another --out, or --fresh"
         )
+    stored = results.get("setup", {}).get("lr", 5e-3)  # older files: the default 5e-3
+    if pending and "setup" in results and stored != args.lr:
+        raise SystemExit(f"{out} holds results at lr {stored}, not {args.lr}: use another --out")
     stored = results.get("setup", {}).get("protocol", "100/50")  # older files: 100/50
     if pending and "setup" in results and stored != args.protocol:
         raise SystemExit(
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         results["setup"] = {
             "model": MODEL.name,
             "epochs": args.epochs,
+            "lr": args.lr,
             "protocol": args.protocol,
             "threads": args.threads,
             "jobs": args.jobs,
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         # A fresh process per job: its peak RSS is its own, and no state leaks between methods.
         with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
             future = pool.submit(
-                _job, datasets[set_name], label, args.epochs, args.threads, args.n_test
+                _job, datasets[set_name], label, args.epochs, args.threads, args.n_test, args.lr
             )
             result = future.result()
         result["concurrent_jobs"] = args.jobs

@@ -116,6 +116,19 @@ def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch
     assert res["setup"]["protocol"] == "50/50"
     split = res["datasets"]["rmd17-toy"]["mmea-r16"]
     assert (split["n_train"], split["n_valid"]) == (4, 4)
+    # nor another learning rate
+    with pytest.raises(SystemExit, match=r"at lr 0\.005, not 0\.01"):
+        accuracy.main(
+            [
+                *halves,
+                "--methods",
+                "mmea-r8",
+                "--lr",
+                "1e-2",
+                "--out",
+                str(tmp_path / "halves.json"),
+            ]
+        )
 
 
 def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path, monkeypatch):
