@@ -2,7 +2,9 @@
 
 The base module is never modified: the adapters live in the :class:`AdaptedModel` (one
 :class:`~mmea_calc.adapter.MMEALayer` per targeted linear) and act through forward hooks that
-are registered on the base's linears for the duration of one call and removed in ``finally``.
+are registered on the base's linears for the duration of one call and removed in ``finally``;
+the ``paper`` preset's updates of base tensors (:mod:`mmea_calc.paper`) are substituted for one
+call with :func:`torch.func.functional_call`, or applied by per-call hooks in mixed batches.
 Which adapter serves which node travels with the call, in the graph dict
 (:data:`ADAPTER_INDEX_KEY`), so any number of models (and calculators) can share one base.
 Forward calls of models sharing a base must not run concurrently in several threads (the hooks
@@ -631,9 +633,10 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         The result is a deep copy of the base in which every linear the adapter targets is a
         :class:`~mmea_calc.adapter.FrozenMMEALinear` (the linear plus this adapter's gates), and
         whose per-element reference energies include the adapter's E0 corrections (every head
-        row). It takes and returns what the base does, has no routing and no Python-side
-        state, is in eval mode with nothing trainable, and compiles with
-        ``e3nn.util.jit.compile`` (what mace's ``LAMMPS_MACE`` export does). This model and
+        row); a ``paper`` adapter's updates are added to the copy's own tensors. It takes and
+        returns what the base does, has no routing and no Python-side state, is in eval mode
+        with nothing trainable, and compiles with ``e3nn.util.jit.compile`` (what mace's
+        ``LAMMPS_MACE`` export does). This model and
         its base are left untouched. One adapter per frozen module: per-node routing cannot
         survive LAMMPS (its ghost atoms carry no structure index).
 
