@@ -14,8 +14,10 @@ per dataset:
 
 Models: ``base``; ``mmea`` (rank 16, re-calibrated on its training set with this version's
 rule: bottleneck and logit ranges, saturation and fade outside them); ``mmea-old`` (the same
-weights without the ranges: the gates as they were before, logit bound 10); ``lora``
-(mace-torch's LoRA r16, alpha 1, as in the accuracy benchmark); ``full``.
+weights without the ranges: the gates as they were before, logit bound 10); ``paper`` (the
+``paper`` preset, rank 16, alpha 16: the gates plus LoRA and full updates of base tensors, which
+the range rule does not cover; only with ``--methods ...,paper``); ``lora`` (mace-torch's LoRA
+r16, alpha 1, as in the accuracy benchmark); ``full``.
 
 Usage::
 
@@ -39,8 +41,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "assets"
 MODEL = SHARED / "models" / "mace-spice-small.model"
-TRAINED = {"mmea": ("mmea", 16), "lora": ("lora", 16), "full": ("full", 16)}
-MODELS = ("base", "mmea", "mmea-old", "lora", "full")
+# label -> (method, rank, preset)
+TRAINED = {
+    "mmea": ("mmea", 16, "gates"),
+    "paper": ("mmea", 16, "paper"),
+    "lora": ("lora", 16, "gates"),
+    "full": ("full", 16, "gates"),
+}
+MODELS = ("base", "mmea", "mmea-old", "paper", "lora", "full")
+DEFAULT_METHODS = "mmea,lora,full"
 SIGMAS = (0.1, 0.15, 0.2, 0.3, 0.4)
 BLOWUP = 10.0
 
@@ -67,10 +76,10 @@ def _train(dataset: str, label: str, epochs: int, threads: int, work: Path) -> d
     with contextlib.redirect_stdout(sys.stderr):
         from mmea_calc import TrainConfig, fit_adapter, load_base
 
-        method, rank = TRAINED[label]
+        method, rank, preset = TRAINED[label]
         data = _dataset(dataset)
         base = load_base(MODEL, dtype="float64")
-        config = TrainConfig(method=method, rank=rank, epochs=epochs, patience=None)
+        config = TrainConfig(method=method, rank=rank, preset=preset, epochs=epochs, patience=None)
         fit_adapter(base, data["train"], data["valid"], config, name=label, out_dir=out,
                     overwrite=True)  # fmt: skip
     return json.loads((out / "training.json").read_text())
@@ -95,6 +104,9 @@ def _calculators(work: Path, dataset: str, methods: tuple[str, ...] = tuple(TRAI
         "mmea": MMEACalculator(model, select="mmea"),
         "mmea-old": MMEACalculator(model, select="old"),
     }
+    if "paper" in methods:  # calibrated by its fit (this version's rule)
+        model.load_adapter(work / dataset / "paper", name="paper")
+        calcs["paper"] = MMEACalculator(model, select="paper")
     for label in (m for m in ("lora", "full") if m in methods):
         calcs[label] = MMEACalculator(str(work / dataset / label / "model.model"), select=None,
                                       default_dtype="float64")  # fmt: skip
@@ -136,7 +148,7 @@ def _rattles(calcs: dict, test: list, n: int) -> dict:
     out: dict = {label: {} for label in calcs if label != "base"}
     for sigma in SIGMAS:
         ratios: dict = {label: [] for label in out}
-        grades = []
+        grades: dict = {label: [] for label in out}
         for i in range(n):
             atoms = test[i % len(test)].copy()
             atoms.rattle(sigma, seed=1000 + i)
@@ -145,8 +157,8 @@ def _rattles(calcs: dict, test: list, n: int) -> dict:
             for label in out:
                 forces, _, grade = _evaluate(calcs[label], atoms)
                 ratios[label].append(np.inf if forces is None else np.abs(forces).max() / base_max)
-                if label == "mmea" and grade is not None:
-                    grades.append(grade)
+                if grade is not None:
+                    grades[label].append(grade)
         for label, values in ratios.items():
             values = np.asarray(values)
             finite = values[np.isfinite(values)]
@@ -156,7 +168,8 @@ def _rattles(calcs: dict, test: list, n: int) -> dict:
                 "max_ratio": float(finite.max()) if finite.size else None,
                 "non_finite": int((~np.isfinite(values)).sum()),
             }
-        out["mmea"][str(sigma)]["extrapolation_median"] = float(np.median(grades))
+            if grades[label]:  # adapters with gate ranges
+                out[label][str(sigma)]["extrapolation_median"] = float(np.median(grades[label]))
     return out
 
 
@@ -264,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", type=int, default=30, help="rattled frames per σ")
     parser.add_argument("--test-frames", type=int, default=200)
     parser.add_argument(
-        "--methods", default="mmea,lora,full", help="trained methods (mmea is always needed)"
-    )
+        "--methods", default=DEFAULT_METHODS,
+        help=f"trained methods, of {', '.join(TRAINED)} (mmea is always needed)",
+    )  # fmt: skip
     parser.add_argument("--md-steps", type=int, default=2000, help="0.5 fs each (1 ps)")
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "robustness"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/robustness.json"))

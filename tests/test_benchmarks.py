@@ -259,7 +259,7 @@ def test_robustness_trains_rattles_and_runs_md_on_a_toy(toy_rmd17, tmp_path, mon
     assert robustness.main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     toy = result["datasets"]["toy"]
-    assert set(toy["test"]["test"]) == set(robustness.MODELS)
+    assert set(toy["test"]["test"]) == set(robustness.MODELS) - {"paper"}  # not by default
     for label in ("mmea", "mmea-old", "lora", "full"):
         rows = toy["rattle"][label]
         assert set(rows) == {str(s) for s in robustness.SIGMAS}
@@ -282,6 +282,20 @@ def test_robustness_trains_rattles_and_runs_md_on_a_toy(toy_rmd17, tmp_path, mon
         "mmea-old",
     }
     assert "| toy |" in _load("report").robustness_tables(json.loads(out.read_text()))
+    # the paper preset beside the gates: trained as such, rattled, graded by its own gate ranges
+    paper = [*argv, "--methods", "mmea,paper", "--md-steps", "0"]
+    assert robustness.main([*paper, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    toy = result["datasets"]["toy"]
+    assert set(toy["test"]["test"]) == {"base", "mmea", "mmea-old", "paper"}
+    assert set(toy["rattle"]) == {"mmea", "mmea-old", "paper"}
+    assert "extrapolation_median" in toy["rattle"]["paper"]["0.1"]
+    assert "extrapolation_median" not in toy["rattle"]["mmea-old"]["0.1"]
+    config = json.loads((tmp_path / "work" / "toy" / "paper" / "adapter_config.json").read_text())
+    assert config["preset"] == "paper" and config["paper_tensors"]
+    assert "| paper |" in _load("report").robustness_tables(result)
+    with pytest.raises(SystemExit):
+        robustness.main([*argv, "--methods", "paper,lora"])
 
 
 def test_robustness_of_the_shipped_adapters_runs_on_stand_ins(demo_assets, tmp_path, monkeypatch):
