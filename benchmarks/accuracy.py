@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import json
 import platform
+import shlex
 import sys
 import threading
 import time
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"{out} holds protocol {stored} results, not {args.protocol}: use another --out"
         )
-    command = "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:])
+    command = "python benchmarks/accuracy.py " + shlex.join(argv or sys.argv[1:])
     if pending or "setup" not in results:  # a re-run that only re-plots keeps the record
         previous = results.get("setup", {})
         # Every command that added jobs to this file, oldest first.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
         return 0
     results = run(args)
     given = sys.argv[1:] if argv is None else list(argv)
-    results["command"] = " ".join(["python", "benchmarks/export_speed.py", *given])
+    results["command"] = shlex.join(["python", "benchmarks/export_speed.py", *given])
     if args.out:
         from mmea_calc.files import atomic_write_json
 

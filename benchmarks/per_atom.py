@@ -37,6 +37,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         model = load_model()
         results: dict = {
-            "command": "python benchmarks/per_atom.py " + " ".join(argv or sys.argv[1:]),
+            "command": "python benchmarks/per_atom.py " + shlex.join(argv or sys.argv[1:]),
             "machine": {"cpu": platform.processor() or platform.machine(),
                         "cores": os.cpu_count(), "threads": args.threads,
                         "python": platform.python_version(), "torch": torch.__version__},

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import math
+import shlex
 import sys
 import time
 import warnings
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [_setting(s) for s in args.settings.split(",")]
     work = Path(args.work)
     results: dict = {
-        "command": "python benchmarks/range_rule.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/range_rule.py " + shlex.join(argv or sys.argv[1:]),
         "settings": [list(s) for s in settings],
         "datasets": {},
     }

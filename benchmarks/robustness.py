@@ -32,6 +32,7 @@ import concurrent.futures
 import contextlib
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         with contextlib.redirect_stdout(sys.stderr):
             adapters = _assess_embedded(args.structures)
-        command = "python benchmarks/robustness.py " + " ".join(argv or sys.argv[1:])
+        command = "python benchmarks/robustness.py " + shlex.join(argv or sys.argv[1:])
         results = {"command": command, "blowup_factor": BLOWUP, "adapters": adapters}
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if "mmea" not in methods or set(methods) - set(TRAINED):
         parser.error(f"--methods must include mmea and name only {list(TRAINED)}")
     results: dict = {"setup": {
-        "command": "python benchmarks/robustness.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/robustness.py " + shlex.join(argv or sys.argv[1:]),
         "epochs": args.epochs, "sigmas": list(SIGMAS), "blowup_factor": BLOWUP,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "python": platform.python_version()},

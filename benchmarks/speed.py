@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with contextlib.redirect_stdout(sys.stderr):  # mace prints on stdout when building
         results = run(args)
-    results["command"] = "python benchmarks/speed.py " + " ".join(argv or sys.argv[1:])
+    results["command"] = "python benchmarks/speed.py " + shlex.join(argv or sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def toy_rmd17(tmp_path, monkeypatch):
 
 def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch):
     accuracy = toy_rmd17
-    out, png = tmp_path / "acc.json", tmp_path / "acc.png"
+    out, png = tmp_path / "my results" / "acc.json", tmp_path / "acc.png"  # a space to quote
+    out.parent.mkdir()
     args = [
         "--epochs",
         "1",
@@ -102,10 +104,9 @@ def test_accuracy_runs_every_method_and_resumes(toy_rmd17, tmp_path, monkeypatch
     assert alpha4["lora_alpha"] == 4.0
     assert alpha4["trainable_parameters"] == jobs["lora-r4"]["trainable_parameters"]
     assert alpha4["tests"]["test"] != jobs["lora-r4"]["tests"]["test"]  # alpha changed the fit
-    assert grown["setup"]["commands"] == [
-        "python benchmarks/accuracy.py " + " ".join(args),
-        "python benchmarks/accuracy.py " + " ".join(more),
-    ]
+    commands = grown["setup"]["commands"]  # as a shell would re-run them
+    assert [shlex.split(c)[:2] for c in commands] == [["python", "benchmarks/accuracy.py"]] * 2
+    assert [shlex.split(c)[2:] for c in commands] == [args, more]
 
     # The authors' protocol: halves of train.xyz; never mixed into a 100/50 file.
     halves = [*args[:4], "--methods", "mmea-r16", "--threads", "1", "--protocol", "50/50"]
