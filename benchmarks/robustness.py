@@ -50,7 +50,6 @@ TRAINED = {
     "full": ("full", 16, "gates"),
 }
 MODELS = ("base", "mmea", "mmea-old", "paper", "lora", "full")
-DEFAULT_METHODS = "mmea,lora,full"
 SIGMAS = (0.1, 0.15, 0.2, 0.3, 0.4)
 BLOWUP = 10.0
 
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", type=int, default=30, help="rattled frames per σ")
     parser.add_argument("--test-frames", type=int, default=200)
     parser.add_argument(
-        "--methods", default=DEFAULT_METHODS,
+        "--methods", default="mmea,lora,full",
         help=f"trained methods, of {', '.join(TRAINED)} (mmea is always needed)",
     )  # fmt: skip
     parser.add_argument("--md-steps", type=int, default=2000, help="0.5 fs each (1 ps)")
