@@ -38,7 +38,7 @@ from mmea_calc.files import (
     read_json_config,
     sha256_hex,
 )
-from mmea_calc.identity import base_info, fingerprint
+from mmea_calc.identity import base_info, fingerprint, fingerprints
 from mmea_calc.mace_model import base_config, build_from_config, float_dtype_name
 
 __all__ = [
@@ -221,7 +221,7 @@ def read_base_dir(
         )
     except BaseFormatError as exc:
         raise BaseFormatError(f"base {str(directory)!r}: {exc}") from exc
-    if fingerprint(model) != document["fingerprint"]:
+    if document["fingerprint"] not in fingerprints(model):  # this version's or version 1's
         raise BaseFormatError(
             f"base {str(directory)!r} rebuilt to fingerprint {fingerprint(model)[:12]}…, but its "
             f"config records {str(document['fingerprint'])[:12]}…"

@@ -40,7 +40,7 @@ from mmea_calc.errors import (
     ConfigError,
     TargetError,
 )
-from mmea_calc.identity import base_info
+from mmea_calc.identity import base_info, fingerprints
 from mmea_calc.mace_model import atomic_energies, node_energy_module
 from mmea_calc.model_files import AdapterFiles
 from mmea_calc.paper import PaperParts, mixed_hooks
@@ -168,6 +168,7 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self._disabled = False
         self._revision = 0
         self._base_info: dict[str, Any] | None = None
+        self._fingerprints: set[str] | None = None
         self._e0_tables: dict[tuple, torch.Tensor] = {}
         self._mixture_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
@@ -183,6 +184,15 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
     def fingerprint(self) -> str:
         """The base model's fingerprint (see :func:`mmea_calc.identity.fingerprint`)."""
         return self.base_info["fingerprint"]
+
+    @property
+    def accepted_fingerprints(self) -> set[str]:
+        """The fingerprints an adapter file may record to load onto this base: this version's
+        and the precision-dependent one files written before it hold
+        (:func:`mmea_calc.identity.fingerprints`)."""
+        if self._fingerprints is None:
+            self._fingerprints = fingerprints(self.base_model)
+        return self._fingerprints
 
     @property
     def revision(self) -> int:
@@ -236,6 +246,15 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self._revision += 1
         self._e0_tables.clear()
         self._mixture_tables.clear()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> AdaptedModel:
+        """``.to()``/``.float()``/``.double()``...: convert, then forget what was computed from
+        the old tensors (the base's identity is recomputed on demand) and bump the revision."""
+        module = super()._apply(fn, *args, **kwargs)
+        self._base_info = None
+        self._fingerprints = None
+        self._changed()
+        return module
 
     def _record(self, name: str) -> _AdapterRecord:
         if name not in self._records:

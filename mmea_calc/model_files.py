@@ -37,6 +37,12 @@ CALIBRATION_SLACK = 1e-6
 LEGACY_FADE_SCALE = 1.0
 
 
+def _exact(values: Any) -> torch.Tensor:
+    """JSON numbers (or a tensor) as float64: the gate converts them to its own dtype, so a
+    float64 model gets its ranges to the last digit (torch's default dtype would round them)."""
+    return torch.as_tensor(values, dtype=torch.float64)
+
+
 class AdapterFiles:
     """Adapter files and gate-range calibration for :class:`~mmea_calc.AdaptedModel`."""
 
@@ -138,10 +144,10 @@ class AdapterFiles:
             entry = ranges[target]
             logits = None
             if entry.get("logit_low") is not None:
-                logits = (torch.tensor(entry["logit_low"]), torch.tensor(entry["logit_high"]))
+                logits = (_exact(entry["logit_low"]), _exact(entry["logit_high"]))
             gate.set_range(
-                torch.tensor(entry["low"]),
-                torch.tensor(entry["high"]),
+                _exact(entry["low"]),
+                _exact(entry["high"]),
                 margin,
                 logits=logits,
                 fade_scale=fade_scale,
@@ -289,15 +295,22 @@ class AdapterFiles:
         return name
 
     def _check_base(self, base: Mapping[str, Any], where: str) -> None:
-        if base.get("fingerprint") == self.fingerprint:
+        if base.get("fingerprint") in self.accepted_fingerprints:
             return
         mine = self.base_info
+        hint = ""
+        if base.get("fingerprint_version") is None:  # version 1: hashed as float64
+            hint = (
+                "; it was written before fingerprints became precision-independent, so it "
+                "matches its base only in the dtype it was trained in: load it in that dtype "
+                "(float64 by default) and save it again to serve it in any precision"
+            )
         raise BaseModelMismatchError(
             f"adapter {where} was trained on base model {str(base.get('fingerprint'))[:12]}… "
             f"({base.get('model_class')}, elements {base.get('atomic_numbers')}, hidden "
             f"{base.get('hidden_irreps')}), not on this one {self.fingerprint[:12]}… "
             f"({mine['model_class']}, elements {mine['atomic_numbers']}, "
-            f"hidden {mine['hidden_irreps']})"
+            f"hidden {mine['hidden_irreps']}){hint}"
         )
 
     def _copy_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
