@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 RESUMABLE = ("epochs", "patience", "device", "eval_batch_size")
 #: Settings added after checkpoints existed, with the value every run before them had.
-ADDED_SETTINGS = {"preset": "gates"}
+ADDED_SETTINGS = {"preset": "gates", "head": None}
 IMPROVEMENT = 1e-4  # relative drop of the validation criterion that counts as better
 
 
@@ -54,6 +54,8 @@ class Run:
     valid_graphs: list[Any]
     base: dict[str, Any]
     hashes: dict[str, str]
+    #: fingerprints a checkpoint may record for this base (older, precision-dependent ones too)
+    base_fingerprints: frozenset[str] = frozenset()
 
     @property
     def use_stress(self) -> bool:
@@ -156,6 +158,8 @@ def read_checkpoint(out: Path, run: Run) -> State:
     if meta.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"checkpoint {str(path)!r} has unknown version {meta.get('version')!r}")
     want, have = _comparable(run.identity()), _comparable(meta["identity"])
+    if have["base"] in run.base_fingerprints:  # written before fingerprints were dtype-free
+        have["base"] = want["base"]
     if json.dumps(want, sort_keys=True) != json.dumps(have, sort_keys=True):
         diff = [k for k in want["config"] if want["config"][k] != have["config"].get(k)]
         diff += [k for k in ("base", "data") if want[k] != have[k]]

@@ -28,11 +28,13 @@ frozen base module.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch.nn.utils import skip_init
 
 from mmea_calc._deps import e3nn_jit, o3
 from mmea_calc.errors import ConfigError, TargetError
@@ -152,11 +154,17 @@ def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
     )
 
 
-#: Width of the smooth saturation beyond a recorded range, as a fraction of the range.
+# Words used for the range rule, here and in every doc: a recorded range's *span* is
+# ``high - low``; distances outside a range, the fade and the extrapolation grade are counted
+# in spans. The *saturation width* (the ``range_width``/``logit_width`` tensors) is
+# ``RANGE_MARGIN`` times the span: how far beyond the range a value may still move.
+
+#: Saturation width beyond a recorded range, as a fraction of the range's span.
 RANGE_MARGIN = 0.1
-#: Floor of range widths (a channel that never varied in training still saturates smoothly).
+#: Floor of spans and saturation widths (a channel that never varied in training still
+#: saturates smoothly).
 RANGE_MIN_WIDTH = 1e-3
-#: Range-widths outside the training range at which an adapter's update has faded to 1/e (for
+#: Spans outside the training range at which an adapter's update has faded to 1/e (for
 #: gates calibrated with logit ranges; files calibrated before them keep the 1.0 they had).
 FADE_SCALE = 2.0
 
@@ -204,7 +212,7 @@ def range_rule(
 
 def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tensor:
     """The weight of an adapter's update at a node whose squared distance outside the training
-    range is ``excess_squared`` (in range widths): ``exp(-excess² / scale²)``, 1 inside,
+    range is ``excess_squared`` (in spans): ``exp(-excess² / scale²)``, 1 inside,
     smooth, -> 0 far outside.
 
     Example:
@@ -240,6 +248,7 @@ class MMEAGate(torch.nn.Module):
         logit_bound: float | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        init_weights: bool = True,
     ) -> None:
         super().__init__()
         if phi not in PHI_CHOICES:
@@ -249,11 +258,13 @@ class MMEAGate(torch.nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.phi = phi
         self.logit_bound = logit_bound
-        #: range-widths outside the range at which the update has faded to 1/e (:func:`fade`)
+        #: spans outside the range at which the update has faded to 1/e (:func:`fade`)
         self.fade_scale = FADE_SCALE
-        self.down = torch.nn.Linear(num_scalar_in, rank, **kw)
-        self.gate = torch.nn.Linear(rank, num_gates, **kw) if num_gates else None
-        self.shift = torch.nn.Linear(rank, num_shifts, **kw) if num_shifts else None
+        # init_weights=False: no random draw at all (tensors about to be loaded start at zero)
+        linear = torch.nn.Linear if init_weights else functools.partial(skip_init, torch.nn.Linear)
+        self.down = linear(num_scalar_in, rank, **kw)
+        self.gate = linear(rank, num_gates, **kw) if num_gates else None
+        self.shift = linear(rank, num_shifts, **kw) if num_shifts else None
         # the bottleneck's training range (set_range): buffers, so they follow .to(); stored in
         # the adapter's config, not among its tensors
         for key in ("range_low", "range_high", "range_width", "_inv_span", "_inv_width"):
@@ -262,13 +273,15 @@ class MMEAGate(torch.nn.Module):
         for key in ("logit_low", "logit_high", "logit_width"):
             self.register_buffer(key, None, persistent=False)
         with torch.no_grad():
+            if not init_weights:
+                self.down.weight.zero_()
             # W_down keeps torch's default init so gradients reach W_g/W_s from step one.
             self.down.bias.zero_()
             for head in (self.gate, self.shift):
                 if head is not None:
                     head.weight.zero_()
                     head.bias.zero_()
-            if self.shift is not None and shift_init_std > 0:
+            if self.shift is not None and shift_init_std > 0 and init_weights:
                 self.shift.weight.normal_(0.0, shift_init_std)
 
     @property
@@ -339,7 +352,7 @@ class MMEAGate(torch.nn.Module):
 
     def extrapolation(self, z: torch.Tensor) -> torch.Tensor:
         """Per-node distance of the pre-activation outside its range, ``[n]``: the norm over
-        the ``rank`` channels of each channel's excess in units of its range's width (0
+        the ``rank`` channels of each channel's excess in units of its range's span (0
         inside). :func:`fade` turns it into the weight of the adapter's update."""
         if self.range_low is None:
             return z.new_zeros(z.shape[0])
@@ -434,8 +447,10 @@ class MMEALayer(torch.nn.Module):
         phi: Phi = "exp",
         shift_init_std: float = 0.0,
         logit_bound: float | None = None,
+        init_weights: bool = True,
     ) -> MMEAGate:
-        """Create adapter ``name``'s gate on ``like``'s device and dtype (the linear's weight)."""
+        """Create adapter ``name``'s gate on ``like``'s device and dtype (the linear's weight);
+        ``init_weights=False`` draws no random numbers (every tensor zero, to be loaded)."""
         lay = self.layout
         gate = MMEAGate(
             lay.num_scalar_in,
@@ -447,6 +462,7 @@ class MMEALayer(torch.nn.Module):
             logit_bound=logit_bound,
             dtype=like.dtype,
             device=like.device,
+            init_weights=init_weights,
         )
         self.gates[name] = gate
         return gate

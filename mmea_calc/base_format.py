@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save
 
 from mmea_calc._deps import mace
+from mmea_calc._version import __version__
 from mmea_calc.data import atoms_to_graph, collate
 from mmea_calc.errors import BaseFormatError, EmbeddedAssetsMissingError, OutputExistsError
 from mmea_calc.files import (
@@ -77,8 +78,9 @@ def _probe_outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = np.random.default_rng(0).normal(scale=0.1, size=grid.shape)
     atoms = ase.Atoms(numbers=numbers, positions=1.4 * grid + offsets)
     dtype = next(model.parameters()).dtype
-    data = collate([atoms_to_graph(atoms, base_info(model))], dtype=dtype)
-    out = model(data, training=False)
+    info = base_info(model)
+    graphs = [atoms_to_graph(atoms, info, head=head) for head in info["heads"]]  # every head
+    out = model(collate(graphs, dtype=dtype), training=False)
     return out["energy"].detach(), out["forces"].detach()
 
 
@@ -122,8 +124,6 @@ def write_base_dir(
         raise OutputExistsError(
             f"{str(directory)!r} is not empty; pass overwrite=True (--overwrite) to replace it"
         )
-    from mmea_calc import __version__
-
     model_class = type(model).__name__
     config, dtype = base_config(model), float_dtype_name(model)
     state = _state_tensors(model)

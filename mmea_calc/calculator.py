@@ -25,7 +25,13 @@ from mmea_calc.data import (
     collate,
     z_table_of,
 )
-from mmea_calc.errors import ConfigError, ExtrapolationError, NonFiniteResultError
+from mmea_calc.errors import (
+    ConfigError,
+    ExtrapolationError,
+    MmeaCalcError,
+    NonFiniteResultError,
+)
+from mmea_calc.mace_model import resolve_head
 from mmea_calc.model import ADAPTER_INDEX_KEY, AdaptedModel
 from mmea_calc.routing import DEFAULT_SHARPNESS
 from mmea_calc.selection import PER_ATOM, TAG_KEY, AdapterSelector, Choice, Select
@@ -40,6 +46,28 @@ _ASE_KEYWORDS = ("restart", "ignore_bad_restart_file", "label", "atoms", "direct
 #: What changes the per-composition state (element check, adapter choice, routing index).
 _COMPOSITION_CHANGES = frozenset({"numbers", "pbc", "info", "model"})
 _ON_EXTRAPOLATION = ("ignore", "warn", "error")
+#: What ``MMEACalculator.set`` changes, and what only a new calculator can.
+_SETTABLE = (
+    "select",
+    "head",
+    "on_unknown",
+    "on_extrapolation",
+    "extrapolation_threshold",
+    "routing_sharpness",
+)
+_FIXED_SETTINGS = ("base", "adapters", "device", "default_dtype")
+
+
+def _check_on_extrapolation(value: Any) -> None:
+    if value not in _ON_EXTRAPOLATION:
+        raise ConfigError(
+            f"on_extrapolation={value!r} is not valid; use one of {list(_ON_EXTRAPOLATION)}"
+        )
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
 
 
 def _adapter_items(adapters: AdapterSpec) -> list[tuple[str | None, Path]]:
@@ -90,10 +118,15 @@ class MMEACalculator(Calculator):
             or ``"error"`` (:class:`~mmea_calc.errors.ExtrapolationError`) when a structure's
             extrapolation grade exceeds ``extrapolation_threshold``.
         extrapolation_threshold: grade above which a structure counts as extrapolating
-            (default 1.0: an activation one range-width beyond what training saw).
+            (default 1.0: a gate input one span of its training range beyond what training
+            saw).
         routing_sharpness: exponent of per-atom routing's weights, ``w ~ (1 + s)^-sharpness``
             with ``s`` an atom's mean squared z-score against an adapter's training atoms
             (default 4: higher is closer to a hard split, lower blends more).
+        head: the head of a multi-head base to serve, as ``MACECalculator(head=...)``:
+            ``None`` (default) takes a single-head model's head or a ``Default`` head, and
+            otherwise raises listing the heads (mace would fall back to the last head). Only
+            adapters trained on this head serve (``"auto"`` picks among them).
         label, directory, atoms, restart, ignore_bad_restart_file: as for any ASE calculator.
             Any other keyword raises ``TypeError``.
 
@@ -103,11 +136,11 @@ class MMEACalculator(Calculator):
     or to 0 for atoms on the base), ``results["adapter_distance"]`` the router's out-of-domain
     score when auto selection ran, and ``results["adapter_extrapolation"]`` the structure's
     extrapolation grade: how far the most extreme gate input lies outside the range the
-    adapter's training data spanned, in units of that range's width (0 inside; ``None`` for
-    the base or an adapter without recorded ranges). It comes from the same forward pass,
-    like the extrapolation grades of ACE potentials: in-distribution frames stay well below 1,
-    compressed or rattled ones reach 1 to 1e4. Active-learning loops can harvest the frames
-    above the threshold.
+    adapter's training data spanned, in units of that range's span, high - low (0 inside;
+    ``None`` for the base or an adapter without recorded ranges). It comes from the same
+    forward pass, like the extrapolation grades of ACE potentials: in-distribution frames stay
+    well below 1, compressed or rattled ones reach 1 to 1e4. Active-learning loops can harvest
+    the frames above the threshold.
     Results are recomputed whenever the atoms, the selection rule or the model (adapters
     loaded or deleted, E0 corrections set) change.
 
@@ -143,27 +176,20 @@ class MMEACalculator(Calculator):
         on_extrapolation: str = "ignore",
         extrapolation_threshold: float = 1.0,
         routing_sharpness: float = DEFAULT_SHARPNESS,
+        head: str | None = None,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(set(kwargs) - set(_ASE_KEYWORDS))
         if unknown:
             valid = ["base", "adapters", "select", "device", "default_dtype", "on_unknown"]
-            valid += ["on_extrapolation", "extrapolation_threshold", "routing_sharpness"]
+            valid += ["on_extrapolation", "extrapolation_threshold", "routing_sharpness", "head"]
             raise TypeError(
                 f"MMEACalculator got unexpected keyword arguments {unknown}; valid: "
                 f"{valid + list(_ASE_KEYWORDS)}"
             )
-        if on_extrapolation not in _ON_EXTRAPOLATION:
-            raise ConfigError(
-                f"on_extrapolation={on_extrapolation!r} is not valid; use one of "
-                f"{list(_ON_EXTRAPOLATION)}"
-            )
-        if not extrapolation_threshold > 0:
-            raise ConfigError(
-                f"extrapolation_threshold must be > 0, got {extrapolation_threshold!r}"
-            )
-        if not routing_sharpness > 0:
-            raise ConfigError(f"routing_sharpness must be > 0, got {routing_sharpness!r}")
+        _check_on_extrapolation(on_extrapolation)
+        _check_positive("extrapolation_threshold", extrapolation_threshold)
+        _check_positive("routing_sharpness", routing_sharpness)
         self.routing_sharpness = float(routing_sharpness)
         self.on_extrapolation = on_extrapolation
         self.extrapolation_threshold = float(extrapolation_threshold)
@@ -179,12 +205,80 @@ class MMEACalculator(Calculator):
             self.model = AdaptedModel(base, device=device, dtype=dtype or torch.float64)
         for name, path in _adapter_items(adapters):
             self.model.load_adapter(path, name=name, set_active=False)
-        self.selector = AdapterSelector(self.model, select=select, on_unknown=on_unknown)
+        self.head = resolve_head(self.model.heads, head)
+        self.selector = AdapterSelector(
+            self.model, select=select, on_unknown=on_unknown, head=self.head
+        )
         info = self.model.base_info
         self._z_table = z_table_of(info)
         self._keyspec = mace_data.KeySpecification()
         self._prepared: _Prepared | None = None
         self._seen = self._revisions()
+
+    # ------------------------------------------------------------------ ASE parameters
+    def todict(self, skip_default: bool = True) -> dict[str, Any]:
+        """The calculator's settings, as ASE calculators report them (``skip_default`` is
+        accepted for ASE's signature; every setting is reported). ``select`` is reported as
+        given, or as the callable's name; ``base`` and ``adapters`` as the model's fingerprint
+        and adapter names (a model has no path to report)."""
+        select = self.selector.select
+        return {
+            "base": self.model.fingerprint,
+            "adapters": self.model.adapter_names,
+            "select": getattr(select, "__name__", repr(select)) if callable(select) else select,
+            "on_unknown": self.selector.on_unknown,
+            "on_extrapolation": self.on_extrapolation,
+            "extrapolation_threshold": self.extrapolation_threshold,
+            "routing_sharpness": self.routing_sharpness,
+            "head": self.head,
+            "device": str(self.device),
+            "default_dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def set(self, **kwargs: Any) -> dict[str, Any]:
+        """Change settings, as ASE's ``Calculator.set``: ``select``, ``head``, ``on_unknown``,
+        ``on_extrapolation``, ``extrapolation_threshold``, ``routing_sharpness``. Results are
+        reset when anything changes; the changed settings are returned. ``base``, ``adapters``,
+        ``device`` and ``default_dtype`` cannot change (make a new calculator, or use
+        ``calc.model.load_adapter``); any other name raises ``TypeError`` listing the valid
+        ones."""
+        fixed = sorted(set(kwargs) & set(_FIXED_SETTINGS))
+        if fixed:
+            raise ConfigError(
+                f"MMEACalculator.set cannot change {fixed}: they define the model; make a new "
+                "calculator (adapters: calc.model.load_adapter / delete_adapter)"
+            )
+        unknown = sorted(set(kwargs) - set(_SETTABLE) - set(_ASE_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"MMEACalculator.set got unknown settings {unknown}; valid: {list(_SETTABLE)}"
+            )
+        ours = {k: kwargs.pop(k) for k in list(kwargs) if k in _SETTABLE}
+        if not ours:  # ASE's keywords only (Calculator.__init__ calls set before the model)
+            return Calculator.set(self, **kwargs)
+        current = self.todict()
+        changed = {k: v for k, v in ours.items() if k == "select" or current.get(k) != v}
+        if "on_extrapolation" in ours:
+            _check_on_extrapolation(ours["on_extrapolation"])
+        if "extrapolation_threshold" in ours:
+            _check_positive("extrapolation_threshold", ours["extrapolation_threshold"])
+        if "routing_sharpness" in ours:
+            _check_positive("routing_sharpness", ours["routing_sharpness"])
+        if "head" in ours:  # first: the selection rule is checked against the new head
+            self.head = self.selector.head = resolve_head(self.model.heads, ours["head"])
+            self.selector.reselect()
+        if "select" in ours:
+            self.selector.select = ours["select"]
+        if "on_unknown" in ours:
+            self.selector.on_unknown = ours["on_unknown"]
+        for key in ("on_extrapolation", "extrapolation_threshold", "routing_sharpness"):
+            if key in ours:
+                value = ours[key]
+                setattr(self, key, value if key == "on_extrapolation" else float(value))
+        changed.update(Calculator.set(self, **kwargs))  # ASE's own keywords (label, ...)
+        if changed:
+            self.reset()
+        return changed
 
     # ------------------------------------------------------------------ selection
     @property
@@ -248,17 +342,21 @@ class MMEACalculator(Calculator):
         choices: Sequence[Choice],
         stress: bool,
         node_index: torch.Tensor | None = None,
+        labels: Sequence[int] | None = None,
     ) -> dict[str, np.ndarray]:
         info = self.model.base_info
         graphs = [
-            atoms_to_graph(a, info, self._keyspec, check=False, z_table=self._z_table)
+            atoms_to_graph(
+                a, info, self._keyspec, check=False, z_table=self._z_table, head=self.head
+            )
             for a in atoms_list
         ]
         data = collate(graphs, dtype=self.dtype, device=self.device)
         if node_index is None:
             node_index = self._node_index(choices, [len(a) for a in atoms_list])
         if node_index is None:
-            self.model.route_per_atom(data, sharpness=self.routing_sharpness)
+            names = self.selector.candidates()
+            self.model.route_per_atom(data, names, sharpness=self.routing_sharpness)
         else:
             data[ADAPTER_INDEX_KEY] = node_index
         out = self.model(data, compute_stress=stress, training=False)
@@ -276,7 +374,7 @@ class MMEACalculator(Calculator):
         if out.get("adapter_weights") is not None:
             weights = out["adapter_weights"].detach().cpu().to(torch.float64).numpy()
             result["adapter_weights"] = weights
-        _check_finite(result, atoms_list, choices)
+        _check_finite(result, atoms_list, choices, labels)
         return result
 
     def _results_of(self, raw: dict[str, np.ndarray], i: int, choice: Choice) -> dict[str, Any]:
@@ -303,16 +401,18 @@ class MMEACalculator(Calculator):
         served = self.model.adapter_names if choice.name == PER_ATOM else [choice.name]
         if not any(self.model.is_calibrated(name) for name in served):
             return None
-        grade = float(raw["extrapolation"][i])
-        if grade > self.extrapolation_threshold and self.on_extrapolation != "ignore":
-            message = (
-                f"structure {i} lies outside adapter {choice.name!r}'s training range: "
-                f"extrapolation grade {grade:.3g} > threshold {self.extrapolation_threshold:g}"
-            )
-            if self.on_extrapolation == "error":
-                raise ExtrapolationError(message)
-            logger.warning("%s", message)
-        return grade
+        return float(raw["extrapolation"][i])
+
+    def _extrapolating(self, results: dict[str, Any]) -> bool:
+        grade = results.get("adapter_extrapolation")
+        return grade is not None and grade > self.extrapolation_threshold
+
+    def _extrapolation_message(self, results: dict[str, Any], what: str) -> str:
+        return (
+            f"{what} lies outside adapter {results['adapter']!r}'s training range: "
+            f"extrapolation grade {results['adapter_extrapolation']:.3g} > threshold "
+            f"{self.extrapolation_threshold:g}"
+        )
 
     @staticmethod
     def _stress_for(atoms: ase.Atoms, properties: Sequence[str], where: str = "") -> bool:
@@ -350,6 +450,12 @@ class MMEACalculator(Calculator):
         raw = self._run([atoms], [choice], stress, self._prepared.node_index)
         self.results = self._results_of(raw, 0, choice)
         self._seen = self._revisions()
+        if self.on_extrapolation != "ignore" and self._extrapolating(self.results):
+            message = self._extrapolation_message(self.results, atoms.get_chemical_formula())
+            if self.on_extrapolation == "error":  # not kept: asking again raises again
+                self.results = {}
+                raise ExtrapolationError(message)
+            logger.warning("%s", message)
 
     def calculate_batch(
         self,
@@ -362,6 +468,12 @@ class MMEACalculator(Calculator):
         Structures are packed into batches of at most ``max_atoms`` atoms (a larger structure
         gets a batch of its own); within a batch, nodes are routed to their structure's adapter.
         Returns one result dict per structure, as :attr:`results` would hold after a single call.
+
+        Errors name the structure by its index in ``atoms_list``. A structure that is invalid,
+        has no adapter or gives NaN/inf refuses the whole call. With
+        ``on_extrapolation="error"``, every structure is still computed; the
+        :class:`~mmea_calc.errors.ExtrapolationError` lists the extrapolating indices and
+        carries every structure's results as its ``results`` attribute.
         """
         unknown = set(properties) - set(self.implemented_properties)
         if unknown:
@@ -372,7 +484,10 @@ class MMEACalculator(Calculator):
         choices = []
         for i, atoms in enumerate(atoms_list):
             self._stress_for(atoms, properties, where=f" (structure {i})")
-            choices.append(self.choose(atoms))
+            try:
+                choices.append(self.choose(atoms))
+            except MmeaCalcError as exc:
+                raise type(exc)(f"structure {i}: {exc}") from exc
         stress = "stress" in properties  # a batch computes what it is asked for
         results: list[dict[str, Any] | None] = [None] * len(atoms_list)
         # per-atom and per-structure routing run in separate forward calls
@@ -381,16 +496,34 @@ class MMEACalculator(Calculator):
             for chunk in _chunks([len(atoms_list[i]) for i in indices], max_atoms):
                 members = [indices[k] for k in chunk]
                 group = [atoms_list[i] for i in members]
-                raw = self._run(group, [choices[i] for i in members], stress)
+                raw = self._run(group, [choices[i] for i in members], stress, labels=members)
                 for j, i in enumerate(members):
                     results[i] = self._results_of(raw, j, choices[i])
+        if self.on_extrapolation != "ignore":
+            outside = [i for i, r in enumerate(results) if self._extrapolating(r)]
+            for i in outside:
+                message = self._extrapolation_message(results[i], f"structure {i}")
+                if self.on_extrapolation == "warn":
+                    logger.warning("%s", message)
+            if outside and self.on_extrapolation == "error":
+                error = ExtrapolationError(
+                    f"structures {outside} lie outside their adapters' training ranges "
+                    f"(first: {self._extrapolation_message(results[outside[0]], 'it')}); "
+                    "every structure's results are in this error's .results"
+                )
+                error.results = results
+                raise error
         return results
 
 
 def _check_finite(
-    result: dict[str, np.ndarray], atoms_list: Sequence[ase.Atoms], choices: Sequence[Choice]
+    result: dict[str, np.ndarray],
+    atoms_list: Sequence[ase.Atoms],
+    choices: Sequence[Choice],
+    labels: Sequence[int] | None = None,
 ) -> None:
-    """Raise rather than hand NaN/inf to an MD or relaxation driver."""
+    """Raise rather than hand NaN/inf to an MD or relaxation driver (``labels``: the
+    structures' indices for the message, as the caller numbers them)."""
     ptr = result["ptr"]
     for i, (atoms, choice) in enumerate(zip(atoms_list, choices, strict=True)):
         values = [result["energy"][i : i + 1], result["forces"][ptr[i] : ptr[i + 1]]]
@@ -398,9 +531,10 @@ def _check_finite(
             values.append(result["stress"][i])
         if not all(np.isfinite(v).all() for v in values):
             distance = "" if choice.distance is None else f", router distance {choice.distance:.3g}"
+            which = "" if labels is None else f"structure {labels[i]}, "
             raise NonFiniteResultError(
                 "the model gave NaN/inf energy, forces or stress for "
-                f"{atoms.get_chemical_formula()} (adapter {choice.name!r}{distance}); the "
+                f"{which}{atoms.get_chemical_formula()} (adapter {choice.name!r}{distance}); the "
                 "structure is probably far outside the base model's or the adapter's training "
                 "data (atoms too close?)"
             )

@@ -88,6 +88,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head", help="head of a multi-head base (default: its only or Default head)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     p.add_argument("--overwrite", action="store_true", help="replace results in --out")
     p.set_defaults(func=_cmd_finetune)
@@ -125,6 +126,9 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--head", help="head of a multi-head base (default: the adapter's, else the Default head)"
+    )
     p.set_defaults(func=_cmd_eval)
 
 
@@ -171,7 +175,9 @@ def _add_export(sub: Any) -> None:
         help="lammps: TorchScript for pair_style mace; mliap: pair_style mliap unified",
     )
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    p.add_argument("--head", help="head of a multi-head base (default: the last, as mace)")
+    p.add_argument(
+        "--head", help="head of a multi-head base (default and only choice: the adapter's own)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cmd_export)
 
@@ -257,6 +263,7 @@ def _progress(total: int) -> Any:
 
 def _cmd_finetune(args: argparse.Namespace, stdout: TextIO) -> int:
     from mmea_calc.data import DataKeys
+    from mmea_calc.files import CHECKPOINT_NAME
     from mmea_calc.train import TrainConfig, fit_adapter
 
     config = TrainConfig(
@@ -277,6 +284,7 @@ def _cmd_finetune(args: argparse.Namespace, stdout: TextIO) -> int:
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        head=args.head,
     )
     out = Path(args.out)
     name = args.name or out.resolve().name.replace(".", "_")
@@ -289,11 +297,11 @@ def _cmd_finetune(args: argparse.Namespace, stdout: TextIO) -> int:
         )  # fmt: skip
     except KeyboardInterrupt:
         progress.close()
-        print(
-            f"mmea-calc: interrupted; the best result so far is in {str(out)!r} "
-            "(continue with --resume)",
-            file=sys.stderr,
-        )
+        if (out / CHECKPOINT_NAME).is_file():
+            where = f"the best result so far is in {str(out)!r} (continue with --resume)"
+        else:
+            where = "nothing was written (no epoch had finished)"
+        print(f"mmea-calc: interrupted; {where}", file=sys.stderr)
         return EXIT_INTERRUPTED
     progress.close()
     print(_summary_table(result), file=stdout)
@@ -335,10 +343,11 @@ def _check_writable(path: str | None, suffix: str | None = None) -> None:
 
 
 def _eval_model(args: argparse.Namespace) -> Any:
-    from mmea_calc import AdaptedModel, load_base
+    from mmea_calc.base import load_base
     from mmea_calc.errors import AdapterFormatError
     from mmea_calc.files import MODEL_NAME
     from mmea_calc.io import is_adapter_dir
+    from mmea_calc.model import AdaptedModel
 
     base = load_base(args.base, device=args.device, dtype=args.dtype)
     if not args.adapter:
@@ -358,6 +367,7 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
     from mmea_calc.data import DataKeys, has_stress, labelled_graphs, read_structures
     from mmea_calc.data import reference_values as refs
     from mmea_calc.files import atomic_write_json
+    from mmea_calc.mace_model import resolve_head
     from mmea_calc.metrics import error_metrics, predict
 
     _check_writable(args.json)
@@ -365,8 +375,14 @@ def _cmd_eval(args: argparse.Namespace, stdout: TextIO) -> int:
     keys = DataKeys(args.energy_key, args.forces_key, args.stress_key)
     model = _eval_model(args)
     info = getattr(model, "base_info", None) or _base_info(model)
-    data = read_structures(args.data, keys, atomic_numbers=info["atomic_numbers"])
-    graphs = labelled_graphs(data, info)
+    head = args.head
+    if head is None and getattr(model, "adapter_names", None):
+        head = model.adapter_head(model.adapter_names[0])
+    head = resolve_head(info["heads"], head)
+    if getattr(model, "adapter_names", None):
+        model.check_head(model.adapter_names, head)
+    data = read_structures(args.data, keys, atomic_numbers=info["atomic_numbers"], head=head)
+    graphs = labelled_graphs(data, info, head)
     pred = predict(model, graphs, batch_size=args.batch_size, stress=has_stress(data))
     ref = refs(data)
     metrics = error_metrics(pred, ref)
@@ -421,7 +437,7 @@ def _parity_plot(path: str, pred: dict[str, Any], ref: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- convert-base
 def _cmd_convert_base(args: argparse.Namespace, stdout: TextIO) -> int:
-    from mmea_calc import load_base
+    from mmea_calc.base import load_base
     from mmea_calc.base_format import write_base_dir
     from mmea_calc.files import BASE_WEIGHTS_NAME
     from mmea_calc.identity import base_info
@@ -488,9 +504,11 @@ def _info_text(info: dict[str, Any]) -> str:
     keys = ("path", "kind", "method", "preset", "name", "rank", "lora_alpha", "logit_bound")
     keys = (*keys, "calibrated")
     keys = (*keys, "routing_statistics")
-    for key in (*keys, "trainable_parameters", "fingerprint"):
+    for key in (*keys, "trainable_parameters", "fingerprint", "head"):
         if info.get(key) is not None:
             lines.append(f"{key:22s}{info[key]}")
+    if info.get("heads"):
+        lines.append(f"{'heads (of the base)':22s}{' '.join(info['heads'])}")
     parts = info.get("trainable_parameters_per_part") or {}
     if len(parts) > 1:
         lines.append(f"{'  per part':22s}" + ", ".join(f"{k} {v}" for k, v in parts.items()))
@@ -509,9 +527,9 @@ def _info_text(info: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- calibrate
 def _cmd_calibrate(args: argparse.Namespace, stdout: TextIO) -> int:
-    from mmea_calc import AdaptedModel
     from mmea_calc.data import read_atoms
     from mmea_calc.errors import UncalibratedAdapterWarning
+    from mmea_calc.model import AdaptedModel
     from mmea_calc.selection import describe_environment
     from mmea_calc.train import calibrate_adapter
 
@@ -530,8 +548,8 @@ def _cmd_calibrate(args: argparse.Namespace, stdout: TextIO) -> int:
 
 # ---------------------------------------------------------------------------- export
 def _cmd_export(args: argparse.Namespace, stdout: TextIO) -> int:
-    from mmea_calc import AdaptedModel
     from mmea_calc.export import export_lammps, export_mliap, lammps_input_lines, sidecar_path
+    from mmea_calc.model import AdaptedModel
 
     model = AdaptedModel(args.base, dtype=args.dtype)  # the adapter loads in the export dtype
     name = model.load_adapter(args.adapter)

@@ -8,6 +8,7 @@ ASE's storage, so everything downstream (graphs, hashing, metrics) reads one pla
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ import numpy as np
 import torch
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from mmea_calc._deps import DefaultKeys, mace_data, torch_geometric, torch_tools, utils
+from mmea_calc._deps import DefaultKeys, mace_data, torch_geometric, utils
 from mmea_calc.errors import DataError, InvalidStructureError, UnsupportedElementError
+from mmea_calc.mace_model import resolve_head
 
 __all__ = [
     "LABEL_KEYS",
+    "WEIGHT_KEYS",
     "DataKeys",
     "atoms_to_graph",
     "check_atoms",
@@ -93,21 +96,80 @@ def atoms_to_graph(
     key_specification: Any | None = None,
     check: bool = True,
     z_table: Any | None = None,
+    head: str | None = None,
 ) -> Any:
-    """One ``mace.data.AtomicData`` graph, built in float64 (positions are never rounded).
+    """One ``mace.data.AtomicData`` graph, in float64 (positions are never rounded).
 
     ``check=False`` skips :func:`check_atoms` for callers that already ran it; callers building
     many graphs pass their ``key_specification`` and ``z_table`` (:func:`z_table_of`) once.
+    ``head``: the head of a multi-head base the graph is evaluated on (``None``: the base's
+    default head, :func:`~mmea_calc.mace_model.resolve_head`; mace itself would silently take
+    the last head for a name it does not know: this raises).
+
+    torch's process-wide default dtype is left alone (mace builds the graph's tensors in it;
+    what that rounds is rebuilt here in float64 from the same numbers).
     """
     if check:
         check_atoms(atoms, model_info["atomic_numbers"])
     keyspec = key_specification or mace_data.KeySpecification()
     z_table = z_table or z_table_of(model_info)
-    with torch_tools.default_dtype(torch.float64):  # scoped: mace reads the default dtype
-        config = mace_data.config_from_atoms(atoms, key_specification=keyspec)
-        return mace_data.AtomicData.from_config(
-            config, z_table=z_table, cutoff=float(model_info["r_max"]), heads=model_info["heads"]
-        )
+    heads = list(model_info["heads"])
+    config = mace_data.config_from_atoms(
+        atoms, key_specification=keyspec, head_name=resolve_head(heads, head)
+    )
+    graph = mace_data.AtomicData.from_config(
+        config, z_table=z_table, cutoff=float(model_info["r_max"]), heads=heads
+    )
+    return _in_float64(graph, config)
+
+
+#: Reference values and weights of a graph, rebuilt in float64 from the configuration.
+_EXACT_LABELS = ("energy", "forces", "stress", "virials")
+_EXACT_WEIGHTS = ("energy", "forces", "stress", "virials")
+
+
+def _in_float64(graph: Any, config: Any) -> Any:
+    """``graph`` with every floating tensor in float64, the rounded ones rebuilt exactly.
+
+    Positions, the periodic cell vectors and the shifts (integer image counts times the cell),
+    the reference values and the weights come again from ``config``'s float64 numbers. The
+    cell rows mace invents along non-periodic directions (a box far larger than the structure)
+    are only upcast: nothing crosses them (their image counts are 0), and the stress volume
+    they enter cancels in :class:`~mmea_calc.MMEACalculator`'s conversion to ``atoms.cell``.
+    """
+    f64 = torch.float64
+    for key in graph.keys:  # mace's torch_geometric: a property
+        value = graph[key]
+        if torch.is_tensor(value) and value.is_floating_point() and value.dtype != f64:
+            graph[key] = value.to(f64)
+    if torch.get_default_dtype() == f64:
+        return graph  # nothing was rounded
+    graph.positions = torch.as_tensor(config.positions, dtype=f64)
+    if config.cell is not None and config.pbc is not None:
+        periodic = torch.as_tensor(list(config.pbc), dtype=torch.bool)
+        cell = graph.cell.clone()
+        cell[periodic] = torch.as_tensor(np.asarray(config.cell), dtype=f64)[periodic]
+        graph.cell = cell
+    graph.shifts = graph.unit_shifts @ graph.cell
+    graph.volume = torch.linalg.det(graph.cell)  # as mace's from_config derives them
+    if torch.abs(graph.volume) > 0:
+        graph.rcell = 2 * torch.pi * torch.linalg.inv(graph.cell.mT)
+    for key in _EXACT_LABELS:
+        value = config.properties.get(key)
+        if value is None:
+            continue
+        value = np.asarray(value, dtype=np.float64)
+        if key in ("stress", "virials") and value.size == 6:
+            value = voigt_6_to_full_3x3_stress(value)
+        if value.size == graph[key].numel():
+            graph[key] = torch.as_tensor(value, dtype=f64).reshape(graph[key].shape)
+    for key in _EXACT_WEIGHTS:
+        value = config.property_weights.get(key)
+        if value is not None:
+            graph[f"{key}_weight"] = torch.tensor(float(value), dtype=f64)
+    if config.weight is not None:
+        graph.weight = torch.tensor(float(config.weight), dtype=f64)
+    return graph
 
 
 def z_table_of(model_info: dict[str, Any]) -> Any:
@@ -138,6 +200,10 @@ _PLAIN = {"energy": "energy", "forces": "forces", "stress": "stress"}
 class DataKeys:
     """Names of the reference values in the input structures (defaults as in mace-torch).
 
+    ``virials`` (eV) are used as mace's virials loss would use them, converted to a stress
+    (``-virials / volume``) when a structure has no stress; ``head`` names the head of a
+    multi-head base a structure belongs to (structures of another head are refused).
+
     When a key is absent from ``atoms.info``/``atoms.arrays`` and it is the default
     (``REF_*``) or the plain ASE name (``energy``...), the value stored on ``atoms.calc`` is used
     (ASE >= 3.23 moves plain ``energy``/``forces``/``stress`` there when reading extxyz).
@@ -146,6 +212,15 @@ class DataKeys:
     energy: str = DefaultKeys.ENERGY.value
     forces: str = DefaultKeys.FORCES.value
     stress: str = DefaultKeys.STRESS.value
+    virials: str = DefaultKeys.VIRIALS.value
+    head: str = DefaultKeys.HEAD.value
+
+
+#: mace's per-structure loss weights (``atoms.info``), kept on the labelled copies as mace reads
+#: them (``config_from_atoms``): ``config_weight`` scales every term of the structure,
+#: ``config_<quantity>_weight`` one term.
+WEIGHT_KEYS = ("config_weight", "config_energy_weight", "config_forces_weight",
+               "config_stress_weight")  # fmt: skip
 
 
 def _lookup(atoms: ase.Atoms, quantity: str, key: str) -> np.ndarray | None:
@@ -168,14 +243,17 @@ def label_structures(
     *,
     atomic_numbers: Sequence[int] | None = None,
     source: str = "dataset",
+    head: str | None = None,
 ) -> list[ase.Atoms]:
-    """Copies of ``structures`` with energy, forces (and stress) under :data:`LABEL_KEYS`.
+    """Copies of ``structures`` with energy, forces (and stress) under :data:`LABEL_KEYS`, and
+    mace's per-structure loss weights (:data:`WEIGHT_KEYS`) as they were.
 
     Args:
         structures: the structures, labelled under ``keys`` (or on ``atoms.calc``).
         keys: where the reference values are; default :class:`DataKeys`.
         atomic_numbers: when given, every structure is checked against these elements.
         source: a name for the data in error messages (e.g. the file path).
+        head: the head the data trains; a structure naming another (``keys.head``) raises.
 
     Raises:
         DataError: empty dataset, a structure without energy or forces, forces of the wrong
@@ -212,6 +290,11 @@ def label_structures(
             )
         if stress is not None and stress.size not in (6, 9):
             raise DataError(f"{where}: stress has {stress.size} values, expected 6 or 9")
+        virials = _virials(atoms, keys.virials, where)
+        if stress is None and virials is not None:
+            stress = -virials / atoms.get_volume()  # mace: virials = -stress * volume
+        _check_head(atoms, keys.head, head, where)
+        weights = _weights(atoms, where, from_virials=stress is not None and virials is not None)
         values = [energy, forces] + ([stress] if stress is not None else [])
         if not all(np.isfinite(v).all() for v in values):
             raise DataError(f"{where} holds NaN or infinite reference values")
@@ -222,8 +305,51 @@ def label_structures(
         copy.arrays[LABEL_KEYS["forces"]] = forces.copy()
         if stress is not None:
             copy.info[LABEL_KEYS["stress"]] = _stress_matrix(stress)
+        copy.info.update(weights)
         labelled.append(copy)
     return labelled
+
+
+def _virials(atoms: ase.Atoms, key: str, where: str) -> np.ndarray | None:
+    if atoms.info.get(key) is None:
+        return None
+    virials = np.asarray(atoms.info[key], dtype=np.float64)
+    if virials.size not in (6, 9):
+        raise DataError(f"{where}: virials ({key!r}) have {virials.size} values, expected 6 or 9")
+    if atoms.cell.rank != 3:
+        raise DataError(
+            f"{where}: virials ({key!r}) need a 3-D cell to become a stress; this cell has "
+            f"rank {atoms.cell.rank}"
+        )
+    return _stress_matrix(virials)
+
+
+def _check_head(atoms: ase.Atoms, key: str, head: str | None, where: str) -> None:
+    value = atoms.info.get(key)
+    if value is None or head is None or str(value) == head:
+        return
+    raise DataError(
+        f"{where} belongs to head {value!r} ({key!r} in atoms.info) but this run uses head "
+        f"{head!r}; an adapter serves one head: train one per head, or drop the key"
+    )
+
+
+def _weights(atoms: ase.Atoms, where: str, from_virials: bool) -> dict[str, float]:
+    """The structure's mace loss weights (validated); ``config_virials_weight`` weighs the
+    stress made from virials."""
+    found = {k: atoms.info[k] for k in WEIGHT_KEYS if atoms.info.get(k) is not None}
+    if from_virials and atoms.info.get("config_virials_weight") is not None:
+        found["config_stress_weight"] = atoms.info["config_virials_weight"]
+    out = {}
+    for key, value in found.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number >= 0):
+            raise DataError(f"{where}: {key} must be a number >= 0, got {value!r}")
+        out[key] = number
+    return out
 
 
 def _stress_matrix(stress: np.ndarray) -> np.ndarray:
@@ -237,6 +363,7 @@ def read_structures(
     keys: DataKeys | None = None,
     *,
     atomic_numbers: Sequence[int] | None = None,
+    head: str | None = None,
 ) -> list[ase.Atoms]:
     """Read an extxyz (or any ASE-readable) file into labelled structures.
 
@@ -254,7 +381,9 @@ def read_structures(
         raise DataError(f"could not read {str(path)!r} with ASE: {exc}") from exc
     if isinstance(structures, ase.Atoms):
         structures = [structures]
-    return label_structures(structures, keys, atomic_numbers=atomic_numbers, source=repr(str(path)))
+    return label_structures(
+        structures, keys, atomic_numbers=atomic_numbers, source=repr(str(path)), head=head
+    )
 
 
 def read_atoms(structures: str | os.PathLike | Sequence[ase.Atoms]) -> list[ase.Atoms]:
@@ -292,13 +421,16 @@ def reference_values(structures: Sequence[ase.Atoms]) -> dict[str, Any]:
     }
 
 
-def labelled_graphs(structures: Sequence[ase.Atoms], model_info: dict[str, Any]) -> list[Any]:
-    """Graphs of labelled structures, carrying ``energy``/``forces``/``stress`` and weights."""
+def labelled_graphs(
+    structures: Sequence[ase.Atoms], model_info: dict[str, Any], head: str | None = None
+) -> list[Any]:
+    """Graphs of labelled structures, carrying ``energy``/``forces``/``stress`` and weights,
+    on ``head`` (see :func:`atoms_to_graph`)."""
     keyspec = mace_data.KeySpecification(
         info_keys={"energy": LABEL_KEYS["energy"], "stress": LABEL_KEYS["stress"]},
         arrays_keys={"forces": LABEL_KEYS["forces"]},
     )
-    return [atoms_to_graph(a, model_info, keyspec) for a in structures]
+    return [atoms_to_graph(a, model_info, keyspec, head=head) for a in structures]
 
 
 def split_structures(
@@ -333,6 +465,9 @@ def data_hash(structures: Sequence[ase.Atoms]) -> str:
             np.asarray(atoms.info.get(LABEL_KEYS["stress"], np.zeros(0)), dtype=np.float64),
         ):
             digest.update(np.ascontiguousarray(array).tobytes())
+        for key in WEIGHT_KEYS:  # only where set: hashes of unweighted data stay as they were
+            if key in atoms.info:
+                digest.update(f"{key}={float(atoms.info[key])!r}".encode())
     return digest.hexdigest()
 
 

@@ -68,6 +68,8 @@ def _describe_adapter(directory: Path) -> dict[str, Any]:
         "trainable_parameters_per_part": _per_part(cfg, tensors),
         "targets": list(cfg["targets"]),
         "fingerprint": cfg["base"]["fingerprint"],
+        "head": cfg.get("head"),
+        "heads": cfg["base"].get("heads"),
         "base": cfg["base"],
         "atomic_numbers": environment.get("atomic_numbers", cfg["base"]["atomic_numbers"]),
         "e0s": cfg.get("e0s"),
@@ -103,6 +105,7 @@ def _describe_model(path: Path, kind: str) -> dict[str, Any]:
         "trainable_parameters": 0,
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "fingerprint": info["fingerprint"],
+        "heads": info["heads"],
         "atomic_numbers": info["atomic_numbers"],
         "base": info,
     }

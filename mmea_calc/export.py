@@ -32,8 +32,8 @@ from typing import Any
 import ase.data
 import torch
 
-from mmea_calc import __version__
 from mmea_calc._deps import LAMMPS_MACE, LAMMPS_MLIAP_MACE, e3nn_jit, mace
+from mmea_calc._version import __version__
 from mmea_calc.adapter import MMEALayer
 from mmea_calc.errors import ExportError
 from mmea_calc.files import atomic_write_bytes, atomic_write_json, sha256_hex
@@ -179,6 +179,17 @@ def lammps_input_lines(fmt: str, path: str | os.PathLike, elements: list[str]) -
     raise ExportError(f"export format {fmt!r} is not supported; valid: {list(EXPORT_FORMATS)}")
 
 
+def _adapter_head(model: AdaptedModel, name: str, head: str | None) -> str:
+    """The head to export: the adapter's (it is what the adapter was trained on)."""
+    own = model.adapter_head(name)
+    if head is not None and head != own:
+        raise ExportError(
+            f"adapter {name!r} belongs to head {own!r}, not {head!r}: export it on its own head "
+            "(its gates and E0 corrections were trained there)"
+        )
+    return own
+
+
 def _check_request(model: Any, name: str | None, path: str | os.PathLike, overwrite: bool) -> Path:
     if not isinstance(model, AdaptedModel):
         raise ExportError(
@@ -225,7 +236,7 @@ def _describe(
         "atomic_numbers": info["atomic_numbers"],
         "r_max": info["r_max"],
         "num_interactions": info["num_interactions"],
-        "head": head if head is not None else info["heads"][-1],
+        "head": head,
         "dtype": dtype,
         "cuequivariance": False,
         "lammps_input": lammps_input_lines(fmt, path.name, elements),
@@ -239,8 +250,11 @@ def _describe(
 def _write(
     model: AdaptedModel, name: str, path: Path, fmt: str, dtype: str, head: str | None, data: bytes
 ) -> dict[str, Any]:
-    atomic_write_bytes(path, data)
     description = _describe(model, name, path, fmt, dtype, head, data)
+    # never a sidecar describing another file: the old one goes first, the new one last (a
+    # crash in between leaves the new file without a description, not with a wrong one)
+    sidecar_path(path).unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
     atomic_write_json(sidecar_path(path), description)
     return description
 
@@ -261,7 +275,8 @@ def export_lammps(
         name: the adapter to bake in (one per file).
         path: the output file; its description goes to ``FILE.json`` (:func:`sidecar_path`).
         dtype: ``"float64"`` (default, as mace) or ``"float32"`` (faster, ~1e-6 relative).
-        head: the base's head to use (default: the last one, as mace).
+        head: the head of a multi-head base (default, and the only one accepted: the
+            adapter's own head; mace's own export would take the last head).
         overwrite: replace an existing file.
 
     Returns:
@@ -283,6 +298,7 @@ def export_lammps(
         ('water', ['H', 'C', 'O'], 'pair_coeff * * water.pt H C O')
     """
     path = _check_request(model, name, path, overwrite)
+    head = _adapter_head(model, name, head)
     dtype_name, _ = _dtype(dtype)
     compiled = lammps_module(model.freeze(name), dtype=dtype_name, head=head)
     buffer = io.BytesIO()
@@ -318,6 +334,7 @@ def export_mliap(
         ('mliap', False, 'pair_style mliap unified water-mliap.pt 0')
     """
     path = _check_request(model, name, path, overwrite)
+    head = _adapter_head(model, name, head)
     dtype_name, torch_dtype = _dtype(dtype)
     frozen = check_exportable(model.freeze(name)).to(device="cpu", dtype=torch_dtype)
     wrapped = LAMMPS_MLIAP_MACE(frozen, **_head(frozen, head))

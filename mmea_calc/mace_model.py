@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmea_calc._deps import mace, o3, torch_tools
-from mmea_calc.errors import BaseFormatError, BaseModelError
+from mmea_calc.errors import BaseFormatError, BaseModelError, ConfigError
 
 __all__ = [
     "LAMMPS_ATTRS",
@@ -368,3 +368,37 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: s
             f"{origin}: tensors do not fit the model its config describes: "
             f"{' '.join(line.strip() for line in first[:3])}"
         ) from exc
+
+
+# ---------------------------------------------------------------------------- heads
+def model_heads(model: torch.nn.Module) -> list[str]:
+    """A MACE model's heads, as mace lists them (a single-head model: ``["Default"]``)."""
+    return list(getattr(model, "heads", None) or ["Default"])
+
+
+def resolve_head(heads: list[str] | tuple[str, ...], head: str | None) -> str:
+    """The head to evaluate on: ``head`` when it is one of ``heads``; without ``head``, the only
+    head, else a ``Default``/``default`` head. Anything else raises
+    :class:`~mmea_calc.errors.ConfigError` listing the heads (for an unknown name, mace's
+    calculator would warn and take the last head: we do not).
+
+    Example:
+        >>> resolve_head(["Default"], None), resolve_head(["mp", "Default"], None)
+        ('Default', 'Default')
+        >>> resolve_head(["mp", "spice"], "spice")
+        'spice'
+    """
+    heads = list(heads)
+    if head is not None:
+        if head not in heads:
+            raise ConfigError(f"head {head!r} is not a head of the base model; its heads: {heads}")
+        return head
+    if len(heads) == 1:
+        return heads[0]
+    defaults = [h for h in heads if h.lower() == "default"]  # mace's rule, case-insensitive
+    if defaults:
+        return defaults[0]
+    raise ConfigError(
+        f"the base model has several heads {heads} and none is named 'Default': choose one "
+        "with head=... (--head)"
+    )

@@ -7,8 +7,12 @@ the ``paper`` preset's updates of base tensors (:mod:`mmea_calc.paper`) are subs
 call with :func:`torch.func.functional_call`, or applied by per-call hooks in mixed batches.
 Which adapter serves which node travels with the call, in the graph dict
 (:data:`ADAPTER_INDEX_KEY`), so any number of models (and calculators) can share one base.
-Forward calls of models sharing a base must not run concurrently in several threads (the hooks
-of one call would see the other's nodes); separate processes, or separate bases, are fine.
+Forward calls on one base take turns (:func:`base_lock`, one re-entrant lock per base module):
+models and calculators sharing a base are correct when called from several threads at once,
+and calls on different bases still run in parallel. (A lock, not call-scoped hooks: the hooks
+must sit on the shared module for mace's forward to reach them, and a MACE forward with forces
+keeps torch's cores busy anyway.) Calling the *bare* base module directly from another thread
+while an adapted call runs is not covered: that call would see the hooks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import fnmatch
 import functools
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +47,12 @@ from mmea_calc.errors import (
     TargetError,
 )
 from mmea_calc.identity import base_info, fingerprints
-from mmea_calc.mace_model import atomic_energies, node_energy_module
+from mmea_calc.mace_model import (
+    atomic_energies,
+    model_heads,
+    node_energy_module,
+    resolve_head,
+)
 from mmea_calc.model_files import AdapterFiles
 from mmea_calc.paper import PaperParts, mixed_hooks
 from mmea_calc.routing import (
@@ -66,6 +77,7 @@ BASE_NAMES = (None, "base")
 class _AdapterRecord:
     config: MMEAConfig
     targets: list[str]
+    head: str
     e0s: dict[int, float] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +127,23 @@ def _slot_rows(data: Mapping[str, Any], route: Route) -> tuple[list, list]:
         nodes.append(index)
         edges.append(torch.nonzero(mask[sender]).squeeze(1))
     return nodes, edges
+
+
+_BASE_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_BASE_LOCKS_GUARD = threading.Lock()
+
+
+def base_lock(base: torch.nn.Module) -> threading.RLock:
+    """The lock serialising forward calls on ``base`` across every :class:`AdaptedModel` (and
+    thread) that shares it: hooks registered on a shared module for one call would act on a
+    concurrent call's nodes. Re-entrant, so a call may run nested forwards on the same base."""
+    with _BASE_LOCKS_GUARD:
+        lock = _BASE_LOCKS.get(base)
+        if lock is None:
+            lock = _BASE_LOCKS[base] = threading.RLock()
+        return lock
 
 
 def _e0_dict(e0s: Mapping[int, float] | None) -> dict[int, float] | None:
@@ -233,6 +262,27 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         )
         self._changed()
 
+    @property
+    def heads(self) -> list[str]:
+        """The base's heads (``["Default"]`` for a single-head model)."""
+        return model_heads(self.base_model)
+
+    def adapter_head(self, name: str) -> str:
+        """The head of the base adapter ``name`` belongs to (see :meth:`add_adapter`)."""
+        return self._record(name).head
+
+    def check_head(self, names: Sequence[str | None], head: str) -> None:
+        """Raise :class:`~mmea_calc.errors.ConfigError` unless every adapter in ``names``
+        (``None``/``"base"``: the bare base, any head) belongs to ``head``."""
+        other = {n: self._record(n).head for n in names if n not in BASE_NAMES}
+        other = {n: h for n, h in other.items() if h != head}
+        if other:
+            raise ConfigError(
+                f"adapters {sorted(other)} belong to heads {sorted(set(other.values()))}, not to "
+                f"head {head!r}: an adapter serves the head it was trained on (its E0 "
+                "corrections are that head's); serve it with head=<its head>"
+            )
+
     def adapter_e0s(self, name: str) -> dict[int, float] | None:
         """Per-element energy corrections (eV, by atomic number) the adapter adds, if any."""
         return self._record(name).e0s
@@ -307,10 +357,19 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         metadata: Mapping[str, Any] | None = None,
         set_active: bool = True,
         is_trainable: bool = True,
+        init_weights: bool = True,
+        head: str | None = None,
     ) -> None:
         """Add a fresh (identity) adapter and, by default, make it active.
 
+        ``head``: the head of a multi-head base the adapter belongs to (its E0 corrections are
+        for that head, and it serves structures on that head only); ``None``: the base's only
+        head or its ``Default`` head (:func:`~mmea_calc.mace_model.resolve_head`).
+
         Its tensors go to the device and dtype of each targeted linear (the base is not moved).
+        ``init_weights=False`` draws no random numbers: every tensor starts at zero, for
+        tensors about to be loaded (:meth:`load_adapter` uses it, so loading leaves torch's
+        global RNG as it was).
         """
         if not isinstance(name, str) or not name or name == "base" or "." in name:
             raise ConfigError(
@@ -323,26 +382,36 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                 f"another name (loaded: {self.adapter_names})"
             )
         config = config or MMEAConfig()
+        head = resolve_head(self.heads, head)
         targets = self.resolve_targets(config.targets)
-        for target in targets:
-            key = _layer_key(target)
-            linear = self._linears[target]
-            if key not in self.mmea_layers:
-                self.mmea_layers[key] = MMEALayer(linear)
-            gate = self.mmea_layers[key].add_gate(
-                name,
-                config.rank,
-                like=linear.weight,
-                phi=config.phi,
-                shift_init_std=config.shift_init_std,
-                logit_bound=config.logit_bound,
-            )
-            gate.requires_grad_(is_trainable)
-        if config.preset == "paper":
-            parts = PaperParts(self.base_model, config.rank, config.lora_scaling)
-            self.paper_parts[name] = parts.requires_grad_(is_trainable)
+        try:  # a failure half-way leaves no gate behind
+            for target in targets:
+                key = _layer_key(target)
+                linear = self._linears[target]
+                if key not in self.mmea_layers:
+                    self.mmea_layers[key] = MMEALayer(linear)
+                gate = self.mmea_layers[key].add_gate(
+                    name,
+                    config.rank,
+                    like=linear.weight,
+                    phi=config.phi,
+                    shift_init_std=config.shift_init_std,
+                    logit_bound=config.logit_bound,
+                    init_weights=init_weights,
+                )
+                gate.requires_grad_(is_trainable)
+            if config.preset == "paper":
+                parts = PaperParts(self.base_model, config.rank, config.lora_scaling, init_weights)
+                self.paper_parts[name] = parts.requires_grad_(is_trainable)
+        except BaseException:
+            self._remove_tensors(name, targets)
+            raise
         self._records[name] = _AdapterRecord(
-            config=config, targets=targets, e0s=_e0_dict(e0s), metadata=dict(metadata or {})
+            config=config,
+            targets=targets,
+            head=head,
+            e0s=_e0_dict(e0s),
+            metadata=dict(metadata or {}),
         )
         self._changed()
         if set_active:
@@ -361,26 +430,35 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter and its tensors (the base is never touched)."""
         record = self._record(name)
-        for target in record.targets:
-            layer = self.mmea_layers[_layer_key(target)]
-            del layer.gates[name]
-            if not layer.gates:
-                del self.mmea_layers[_layer_key(target)]
-        if name in self.paper_parts:
-            del self.paper_parts[name]
+        self._remove_tensors(name, record.targets)
         del self._records[name]
         if self._active == name:
             self._active = None
         self._changed()
 
+    def _remove_tensors(self, name: str, targets: Sequence[str]) -> None:
+        for target in targets:
+            key = _layer_key(target)
+            if key not in self.mmea_layers:
+                continue
+            layer = self.mmea_layers[key]
+            if name in layer.gates:
+                del layer.gates[name]
+            if not layer.gates:
+                del self.mmea_layers[key]
+        if name in self.paper_parts:
+            del self.paper_parts[name]
+
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Context manager in which the model is the bare base model."""
         previous, self._disabled = self._disabled, True
+        self._changed()  # what the model computes changes: calculators must not reuse results
         try:
             yield
         finally:
             self._disabled = previous
+            self._changed()
 
     def adapter_parameters(self, name: str) -> Iterator[torch.nn.Parameter]:
         """The tensors of one adapter."""
@@ -564,6 +642,23 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         slots = tuple((names[i], torch.nonzero(node_index == i).squeeze(1)) for i in used)
         return Route(num_nodes, slots)
 
+    def _check_route_heads(self, data: Mapping[str, Any], route: Route) -> None:
+        """Multi-head bases: every node an adapter serves must be on that adapter's head (one
+        host sync per call; single-head bases skip it)."""
+        node_head = data["head"][data["batch"]]
+        heads = self.heads
+        for name, idx in route.slots:
+            served = node_head if idx is None else node_head.index_select(0, idx)
+            want = heads.index(self._records[name].head)
+            if route.mixture is not None:  # per-atom routing: every node
+                served = node_head
+            if bool((served != want).any()):
+                found = sorted({heads[i] for i in torch.unique(served).tolist()})
+                raise ConfigError(
+                    f"adapter {name!r} belongs to head {heads[want]!r} but serves nodes on "
+                    f"heads {found}: build the graphs with head={heads[want]!r}"
+                )
+
     def _e0_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``[n_adapters + 1, n_elements]`` E0 corrections; row 0 is the base (zeros)."""
         key = (dtype, device)
@@ -587,9 +682,17 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         return table[data[ADAPTER_INDEX_KEY] + 1, element]
 
     def forward(self, data: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, Any]:
+        # The per-call hooks (and the paper preset's swapped tensors) live on the shared base
+        # for the duration of the call: calls on one base, from any model, take turns.
+        with base_lock(self.base_model):
+            return self._forward(data, **kwargs)
+
+    def _forward(self, data: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, Any]:
         route = self._route(data)
         if route is None:
             return self.base_model(data, **kwargs)
+        if len(self.heads) > 1:
+            self._check_route_heads(data, route)
         targets = {t for name, _ in route.slots for t in self._records[name].targets}
         calibrated = (
             self.layer(t).gates[n].calibrated
@@ -651,8 +754,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
 
         The result is a deep copy of the base in which every linear the adapter targets is a
         :class:`~mmea_calc.adapter.FrozenMMEALinear` (the linear plus this adapter's gates), and
-        whose per-element reference energies include the adapter's E0 corrections (every head
-        row); a ``paper`` adapter's updates are added to the copy's own tensors. It takes and
+        whose per-element reference energies include the adapter's E0 corrections (in its head's
+        row only); a ``paper`` adapter's updates are added to the copy's own tensors. It takes and
         returns what the base does, has no routing and no Python-side state, is in eval mode
         with nothing trainable, and compiles with ``e3nn.util.jit.compile`` (what mace's
         ``LAMMPS_MACE`` export does). This model and
@@ -685,9 +788,10 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         if record.e0s:
             e0 = atomic_energies(frozen)
             zs = [int(z) for z in frozen.atomic_numbers]
-            shift = [record.e0s.get(z, 0.0) for z in zs]
+            shift = torch.tensor([record.e0s.get(z, 0.0) for z in zs], dtype=e0.dtype)
             with torch.no_grad():
-                e0.add_(torch.tensor(shift, dtype=e0.dtype, device=e0.device))
+                row = e0 if e0.dim() == 1 else e0[self.heads.index(record.head)]
+                row.add_(shift.to(e0.device))  # the adapter's head only
         for param in frozen.parameters():
             param.requires_grad_(False)
         return frozen.eval()

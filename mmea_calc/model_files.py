@@ -84,6 +84,7 @@ class AdapterFiles:
             # the preset "paper" parts: {base tensor: part} (their tensors: "<base tensor>.*")
             "paper_tensors": self._paper_document(name),
             "base": self.base_info,
+            "head": record.head,
             "e0s": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
             "environment": meta.get("environment"),
             "training": meta.get("training"),
@@ -261,38 +262,58 @@ class AdapterFiles:
             )
         except (ConfigError, TypeError, ValueError) as exc:
             raise AdapterFormatError(f"adapter config in {where} is invalid: {exc}") from exc
-        e0s = {int(z): float(v) for z, v in (cfg.get("e0s") or {}).items()}
+        try:
+            e0s = {int(z): float(v) for z, v in (cfg.get("e0s") or {}).items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"adapter config in {where}: bad e0s: {exc}") from exc
         meta = {k: cfg.get(k) for k in ("environment", "training")}
+        head = cfg.get("head")  # absent in files written before heads: the default head
+        if head is not None and head not in self.heads:
+            raise AdapterFormatError(
+                f"adapter {where} belongs to head {head!r}, which the base lacks (heads "
+                f"{self.heads})"
+            )
         self.add_adapter(
-            name, config, e0s=e0s, metadata=meta, set_active=False, is_trainable=is_trainable
+            name,
+            config,
+            head=head,
+            e0s=e0s,
+            metadata=meta,
+            set_active=False,
+            is_trainable=is_trainable,
+            init_weights=False,  # the file's tensors replace them: no draw from the global RNG
         )
         config.targets = cfg.get("target_patterns", targets)  # as written (targets resolved)
-        try:
+        try:  # any failure from here on (a warning turned error, Ctrl-C too) rolls back
             self._copy_tensors(name, tensors, where)
-        except AdapterFormatError:
+            self._load_ranges(name, cfg, where, directory)
+        except BaseException:
             self.delete_adapter(name)
             raise
-        if cfg.get("gate_ranges"):
-            try:
-                margin = float(cfg.get("gate_range_margin", RANGE_MARGIN))
-                # files calibrated before gate_fade_scale existed keep the scale they had
-                fade_scale = float(cfg.get("gate_fade_scale", LEGACY_FADE_SCALE))
-                self.set_gate_ranges(name, cfg["gate_ranges"], margin, fade_scale)
-            except (ConfigError, KeyError, TypeError, ValueError) as exc:
-                self.delete_adapter(name)
-                raise AdapterFormatError(f"adapter {where}: bad gate_ranges: {exc}") from exc
-        else:
+        if set_active:
+            self.set_adapter(name)
+        return name
+
+    def _load_ranges(
+        self, name: str, cfg: Mapping[str, Any], where: str, directory: str | os.PathLike
+    ) -> None:
+        if not cfg.get("gate_ranges"):
             warnings.warn(
                 f"adapter {where} records no gate ranges (written before mmea_calc 0.2): its "
                 "gates do not saturate outside the training data and no extrapolation grade is "
                 "reported; record them with `mmea-calc calibrate "
                 f"{directory} --base BASE --data TRAIN.xyz`",
                 UncalibratedAdapterWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        if set_active:
-            self.set_adapter(name)
-        return name
+            return
+        try:
+            margin = float(cfg.get("gate_range_margin", RANGE_MARGIN))
+            # files calibrated before gate_fade_scale existed keep the scale they had
+            fade_scale = float(cfg.get("gate_fade_scale", LEGACY_FADE_SCALE))
+            self.set_gate_ranges(name, cfg["gate_ranges"], margin, fade_scale)
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"adapter {where}: bad gate_ranges: {exc}") from exc
 
     def _check_base(self, base: Mapping[str, Any], where: str) -> None:
         if base.get("fingerprint") in self.accepted_fingerprints:

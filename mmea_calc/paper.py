@@ -101,11 +101,14 @@ def _tensor(base: torch.nn.Module, name: str) -> torch.Tensor:
 class _LowRank(torch.nn.Module):
     """``scaling * lora_A @ lora_B``; ``lora_B`` starts at zero (no change at init)."""
 
-    def __init__(self, lead: tuple[int, ...], cols: int, rank: int, like: torch.Tensor) -> None:
+    def __init__(
+        self, lead: tuple[int, ...], cols: int, rank: int, like: torch.Tensor, init: bool = True
+    ) -> None:
         super().__init__()
         std = float(like.detach().pow(2).mean().sqrt()) or 1.0
         kwargs = {"dtype": like.dtype, "device": like.device}
-        self.lora_A = torch.nn.Parameter(torch.randn(*lead, rank, **kwargs) * std)
+        a = torch.randn(*lead, rank, **kwargs) * std if init else torch.zeros(*lead, rank, **kwargs)
+        self.lora_A = torch.nn.Parameter(a)
         self.lora_B = torch.nn.Parameter(torch.zeros(rank, cols, **kwargs))
 
     def forward(self) -> torch.Tensor:
@@ -116,14 +119,14 @@ class _Update(torch.nn.Module):
     """The change of one base tensor (same shape): low-rank factors or a full delta."""
 
     def __init__(self, spec: PaperTensor, tensor: torch.Tensor, module: Any, rank: int,
-                 scaling: float) -> None:  # fmt: skip
+                 scaling: float, init: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.scaling = scaling
         self.shape = tuple(tensor.shape)
         self.factors = torch.nn.ModuleList()
         self.delta: torch.nn.Parameter | None = None
         if spec.part == "radial_lora":  # a matrix
-            self.factors.append(_LowRank((self.shape[0],), self.shape[1], rank, tensor))
+            self.factors.append(_LowRank((self.shape[0],), self.shape[1], rank, tensor, init))
         elif spec.part == "skip_tp_lora":  # one block [mul1 * mul2, mul_out] per weighted path
             offset = 0
             for ins in module.instructions:
@@ -132,10 +135,10 @@ class _Update(torch.nn.Module):
                 size = math.prod(ins.path_shape)
                 block = tensor.detach()[offset : offset + size]
                 lead = ins.path_shape[0] * ins.path_shape[1]
-                self.factors.append(_LowRank((lead,), ins.path_shape[2], rank, block))
+                self.factors.append(_LowRank((lead,), ins.path_shape[2], rank, block, init))
                 offset += size
         elif spec.part == "contraction_lora":  # [elements, params, channels]
-            self.factors.append(_LowRank(self.shape[:-1], self.shape[-1], rank, tensor))
+            self.factors.append(_LowRank(self.shape[:-1], self.shape[-1], rank, tensor, init))
         else:  # contraction_weights, bessel: the whole tensor
             self.delta = torch.nn.Parameter(torch.zeros_like(tensor.detach()))
 
@@ -158,17 +161,21 @@ class PaperParts(torch.nn.Module):
         base: the MACE base (read, never modified).
         rank: LoRA rank of the low-rank parts.
         scaling: ``alpha / rank`` of the low-rank parts.
+        init_weights: ``False`` draws no random numbers (``lora_A`` zero too: to be loaded).
 
     Tensors are created with each base tensor's dtype and device, from the global RNG.
     """
 
-    def __init__(self, base: torch.nn.Module, rank: int, scaling: float) -> None:
+    def __init__(
+        self, base: torch.nn.Module, rank: int, scaling: float, init_weights: bool = True
+    ) -> None:
         super().__init__()
         self.specs = {spec.name: spec for spec in paper_tensors(base)}
         self.updates = torch.nn.ModuleDict()
         for name, spec in self.specs.items():
             module = base.get_submodule(spec.module)
-            self.updates[_key(name)] = _Update(spec, _tensor(base, name), module, rank, scaling)
+            tensor = _tensor(base, name)
+            self.updates[_key(name)] = _Update(spec, tensor, module, rank, scaling, init_weights)
 
     def named_tensors(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """``(base tensor name + "." + factor, tensor)``: the keys of the adapter file."""

@@ -12,7 +12,6 @@ z-score: about 1 inside the training distribution, much larger outside (an out-o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,32 +47,37 @@ PER_ATOM = "per-atom"
 _STD_FLOOR = 1e-2  # fraction of the element's mean std used as a floor for each feature's std
 
 
-def _bare(model: Any) -> tuple[torch.nn.Module, Any]:
-    """The base module and a context that disables adapters (for an AdaptedModel)."""
-    if hasattr(model, "disable_adapters"):
-        return model, model.disable_adapters()
-    return model, contextlib.nullcontext()
+def _any_head(info: Mapping[str, Any]) -> str:
+    """Node features and neighbourhood descriptors come before the readouts: any head does."""
+    return info["heads"][0]
+
+
+def _bare_call(model: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """The bare base's output on ``data``: an AdaptedModel's nodes are routed to the base for
+    this call only (nothing model-wide is switched, so concurrent calls are unaffected)."""
+    if hasattr(model, "route"):
+        model.route(data, [None] * (int(data["ptr"].shape[0]) - 1))
+    return model(data, compute_force=False, training=False)
 
 
 def invariant_descriptors(
     model: Any, atoms_list: Sequence[ase.Atoms], batch_size: int = 16
 ) -> list[np.ndarray]:
     """Per-atom invariant descriptors of the *bare* base model, one ``[n_atoms, D]`` array each."""
-    module, bare = _bare(model)
-    base = getattr(module, "base_model", module)
-    info = getattr(module, "base_info", None) or base_info(base)
+    base = getattr(model, "base_model", model)
+    info = getattr(model, "base_info", None) or base_info(base)
     dtype = next(base.parameters()).dtype
     device = next(base.parameters()).device
     index = invariant_feature_index(base).to(device)
     result: list[np.ndarray] = []
-    with bare:
-        for start in range(0, len(atoms_list), batch_size):
-            chunk = atoms_list[start : start + batch_size]
-            data = collate([atoms_to_graph(a, info) for a in chunk], dtype=dtype, device=device)
-            out = module(data, compute_force=False, training=False)
-            feats = out["node_feats"].detach().index_select(1, index).cpu().numpy()
-            ptr = data["ptr"].cpu().numpy()
-            result += [feats[ptr[i] : ptr[i + 1]].astype(np.float64) for i in range(len(chunk))]
+    for start in range(0, len(atoms_list), batch_size):
+        chunk = atoms_list[start : start + batch_size]
+        graphs = [atoms_to_graph(a, info, head=_any_head(info)) for a in chunk]
+        data = collate(graphs, dtype=dtype, device=device)
+        out = _bare_call(model, data)
+        feats = out["node_feats"].detach().index_select(1, index).cpu().numpy()
+        ptr = data["ptr"].cpu().numpy()
+        result += [feats[ptr[i] : ptr[i + 1]].astype(np.float64) for i in range(len(chunk))]
     return result
 
 
@@ -91,7 +95,8 @@ def describe_neighbourhoods(
     with torch.no_grad():
         for start in range(0, len(atoms_list), batch_size):
             chunk = atoms_list[start : start + batch_size]
-            data = collate([atoms_to_graph(a, info) for a in chunk], dtype=dtype, device=device)
+            graphs = [atoms_to_graph(a, info, head=_any_head(info)) for a in chunk]
+            data = collate(graphs, dtype=dtype, device=device)
             descriptors = neighbourhood_descriptor(module, data)
             stats = stats or NeighbourhoodStatistics(descriptors.shape[1])
             stats.add(descriptors, zs[data["node_attrs"].argmax(dim=1).cpu()])
@@ -194,8 +199,15 @@ class AdapterSelector:
     (adapters added, loaded or deleted).
     """
 
-    def __init__(self, model: Any, select: Select = "auto", on_unknown: str = "error") -> None:
+    def __init__(
+        self,
+        model: Any,
+        select: Select = "auto",
+        on_unknown: str = "error",
+        head: str | None = None,
+    ) -> None:
         self.model = model
+        self.head = head
         self._cache: dict[tuple, Choice] = {}
         self._model_revision = model.revision
         self.revision = 0
@@ -238,14 +250,19 @@ class AdapterSelector:
         if name in (None, "base"):
             return None
         if name == PER_ATOM:
-            if not self.model.adapter_names:
-                raise AdapterNotFoundError("per-atom routing needs loaded adapters; none are")
-            self.model.check_per_atom(self.model.adapter_names)  # a clear error if it cannot
+            if not self.candidates():
+                where = "" if self.head is None else f" of head {self.head!r}"
+                raise AdapterNotFoundError(
+                    f"per-atom routing needs loaded adapters{where}; none are"
+                )
+            self.model.check_per_atom(self.candidates())  # a clear error if it cannot
             return name
         if name not in self.model.adapter_names:
             raise AdapterNotFoundError(
                 f"no adapter named {name!r}; loaded adapters: {self.model.adapter_names or 'none'}"
             )
+        if self.head is not None:
+            self.model.check_head([name], self.head)
         return name
 
     def choose(self, atoms: ase.Atoms) -> Choice:
@@ -273,7 +290,7 @@ class AdapterSelector:
         if choice.name != PER_ATOM:
             return choice
         covered = set()
-        for name in self.model.adapter_names:
+        for name in self.candidates():
             covered |= set(self.model.neighbourhood_statistics(name))
         missing = sorted({int(z) for z in atoms.numbers} - covered)
         if not missing:
@@ -292,10 +309,17 @@ class AdapterSelector:
     def _environment(self, name: str) -> Mapping[str, Any] | None:
         return self.model.adapter_metadata(name).get("environment")
 
+    def candidates(self) -> list[str]:
+        """The adapters this selector may pick: those of its ``head`` (every one without)."""
+        names = self.model.adapter_names
+        if self.head is None:
+            return names
+        return [n for n in names if self.model.adapter_head(n) == self.head]
+
     def _auto(self, atoms: ase.Atoms) -> Choice:
         elements = set(int(z) for z in atoms.numbers)
         covered, unknown_env = [], []
-        for name in self.model.adapter_names:
+        for name in self.candidates():
             env = self._environment(name)
             if env is None:
                 unknown_env.append(name)

@@ -39,8 +39,12 @@ def build_tiny_mace(
     pair_repulsion: bool = False,
     dtype: str | torch.dtype = torch.float64,
     seed: int = 0,
+    heads: Sequence[str] | None = None,
 ) -> torch.nn.Module:
     """A small, randomly initialised (seeded) MACE or ScaleShiftMACE.
+
+    ``heads`` builds a multi-head model (mace's multi-head fine-tuning layout: one readout
+    column, E0 row, scale and shift per head).
 
     ``pair_repulsion=True`` adds mace's ZBL term, giving the random model a repulsive core so
     that relaxations (cell relaxations above all) have a finite-volume minimum. Models are built
@@ -63,6 +67,7 @@ def build_tiny_mace(
             bool(pair_repulsion),
             dtype_name,
             int(seed),
+            tuple(heads) if heads is not None else None,
         )
     )
 
@@ -78,6 +83,7 @@ def _build_tiny_mace(
     pair_repulsion: bool,
     dtype: str,
     seed: int,
+    heads: tuple[str, ...] | None = None,
 ) -> torch.nn.Module:
     blocks = mace.modules.interaction_classes
     name = "RealAgnosticResidualInteractionBlock" if residual else "RealAgnosticInteractionBlock"
@@ -102,6 +108,12 @@ def _build_tiny_mace(
         radial_MLP=[16, 16],
         pair_repulsion=pair_repulsion,
     )
+    scale, shift = 1.3, 0.1
+    if heads is not None:
+        kwargs["heads"] = list(heads)
+        kwargs["atomic_energies"] = rng.uniform(-5.0, -1.0, size=(len(heads), len(atomic_numbers)))
+        scale = [1.3 - 0.2 * i for i in range(len(heads))]  # every head differs
+        shift = [0.1 * i for i in range(len(heads))]
     # mace builds buffers (e.g. Clebsch-Gordan U matrices) in the default dtype: scope it.
     with (
         torch.random.fork_rng(),
@@ -112,7 +124,7 @@ def _build_tiny_mace(
         torch.manual_seed(seed)
         if scale_shift:
             model = mace.modules.ScaleShiftMACE(
-                atomic_inter_scale=1.3, atomic_inter_shift=0.1, **kwargs
+                atomic_inter_scale=scale, atomic_inter_shift=shift, **kwargs
             )
         else:
             model = mace.modules.MACE(**kwargs)
@@ -179,17 +191,19 @@ def evaluate(
     adapters: Sequence[str | None] | None = None,
     compute_stress: bool = False,
     training: bool = False,
+    head: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run a (MACE or Adapted) model on a batch of structures; returns the output dict.
 
     With ``adapters`` (one name per structure, ``None`` = base), nodes are routed per structure.
+    ``head``: the head of a multi-head base (default: its default head).
     """
     from mmea_calc.base import base_info
 
     base = getattr(model, "base_model", model)
     info = getattr(model, "base_info", None) or base_info(base)
     dtype = next(base.parameters()).dtype
-    data = collate([atoms_to_graph(a, info) for a in atoms_list], dtype=dtype)
+    data = collate([atoms_to_graph(a, info, head=head) for a in atoms_list], dtype=dtype)
     if adapters is not None:
         model.route(data, adapters)
     return model(data, compute_stress=compute_stress, training=training)

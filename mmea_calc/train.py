@@ -35,6 +35,7 @@ import torch
 
 from mmea_calc import _trainer
 from mmea_calc._deps import lora
+from mmea_calc._version import __version__
 from mmea_calc.base import base_info, load_base, resolve_dtype
 from mmea_calc.config import PRESETS
 from mmea_calc.data import (
@@ -61,6 +62,8 @@ from mmea_calc.files import (
     atomic_write_bytes,
     atomic_write_json,
 )
+from mmea_calc.identity import fingerprints
+from mmea_calc.mace_model import model_heads, resolve_head
 from mmea_calc.metrics import error_metrics, predict
 from mmea_calc.model import AdaptedModel, MMEAConfig
 from mmea_calc.selection import describe_environment
@@ -90,7 +93,16 @@ OUTPUT_FILES = (
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one fine-tuning run (defaults follow mace-torch's fine-tuning ones).
+    """Hyper-parameters of one fine-tuning run.
+
+    Defaults as in mace-torch's ``mace_run_train`` (mace-torch 0.3.16): energy and stress
+    weights 1, Adam with amsgrad, ``lr_factor`` 0.8, ``scheduler_patience`` 50, EMA decay 0.99,
+    gradient clipping at 10, validation fraction 0.1. Ours where mace's differ, for small
+    fine-tuning sets (tens to hundreds of structures) rather than training from scratch:
+    ``lr`` 5e-3 (mace 1e-2), ``batch_size`` 5 (10), ``forces_weight`` 1000 (100; fine-tuning
+    is judged on forces, and the energy is guarded by the validation criterion below and the
+    per-epoch E0 refit), ``weight_decay`` 0 (5e-7: adapters start at identity and are not
+    decayed towards zero weights), ``epochs`` 200 and ``patience`` 100 (2048 and 2048).
 
     Attributes:
         method: ``"mmea"`` (an adapter), ``"lora"`` (mace-torch's equivariant LoRA) or
@@ -116,6 +128,9 @@ class TrainConfig:
         fit_e0s: fit a per-element energy correction to the base model's residual.
         e0_ridge: ridge strength of that fit (see :func:`~mmea_calc.data.fit_e0_correction`).
         seed: seeds the adapter's initialisation and the batch order.
+        head: the head of a multi-head base to train on (as mace's ``--head``); ``None``: a
+            single-head base's head or a ``Default`` head (else a ``ConfigError`` lists the
+            heads). The adapter records it; its E0 corrections are that head's.
         device, dtype: where training runs. ``None`` (default): a given model stays where it
             is and keeps its dtype; a model file is loaded onto the CPU in float64. A value
             moves or converts the model (a given module in place: asked for, not silent).
@@ -154,6 +169,7 @@ class TrainConfig:
     device: str | None = None
     dtype: str | None = None
     eval_batch_size: int = 16
+    head: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -284,20 +300,22 @@ class _MMEASubject(_Subject):
 class _WholeModelSubject(_Subject):
     """``lora`` (mace-torch's LoRA wrappers) or ``full`` (every parameter of a copy)."""
 
-    def __init__(self, model: torch.nn.Module, method: str) -> None:
+    def __init__(self, model: torch.nn.Module, method: str, head: str) -> None:
         self.method = method
         super().__init__(model, {k: p for k, p in model.named_parameters() if p.requires_grad})
         self._base_e0s = model.atomic_energies_fn.atomic_energies.detach().clone()
+        self._head_row = model_heads(model).index(head)
 
     def set_e0s(self, e0s: dict[int, float] | None) -> None:
-        """Fold the correction into ``atomic_energies`` (every head)."""
+        """Fold the correction into ``atomic_energies`` (the trained head's row only)."""
         super().set_e0s(e0s)
         buffer = self.module.atomic_energies_fn.atomic_energies
         zs = [int(z) for z in self.module.atomic_numbers]
         values = [(self.e0s or {}).get(z, 0.0) for z in zs]
         delta = torch.tensor(values, dtype=buffer.dtype, device=buffer.device)
         with torch.no_grad():
-            buffer.copy_(self._base_e0s + (delta if buffer.dim() == 1 else delta.unsqueeze(0)))
+            buffer.copy_(self._base_e0s)
+            (buffer if buffer.dim() == 1 else buffer[self._head_row]).add_(delta)
 
     def result_model(self) -> torch.nn.Module:
         model = self.module
@@ -321,6 +339,7 @@ def _make_subject(
     config: TrainConfig,
     name: str,
     e0s: dict[int, float] | None,
+    head: str,
 ) -> _Subject:
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(config.seed)
@@ -333,7 +352,7 @@ def _make_subject(
                 preset=config.preset,
                 lora_alpha=config.lora_alpha,
             )
-            model.add_adapter(name, mmea)
+            model.add_adapter(name, mmea, head=head)
             subject: _Subject = _MMEASubject(model, name)
         else:
             base = copy.deepcopy(model)
@@ -343,7 +362,7 @@ def _make_subject(
             else:
                 for param in base.parameters():
                     param.requires_grad_(True)
-            subject = _WholeModelSubject(base, config.method)
+            subject = _WholeModelSubject(base, config.method, head)
     subject.set_e0s(e0s)
     return subject
 
@@ -379,10 +398,11 @@ def _labelled(
     keys: DataKeys | None,
     atomic_numbers: Sequence[int],
     what: str,
+    head: str,
 ) -> list[ase.Atoms]:
     if isinstance(data, str | os.PathLike):
-        return read_structures(data, keys, atomic_numbers=atomic_numbers)
-    return label_structures(list(data), keys, atomic_numbers=atomic_numbers, source=what)
+        return read_structures(data, keys, atomic_numbers=atomic_numbers, head=head)
+    return label_structures(list(data), keys, atomic_numbers=atomic_numbers, source=what, head=head)
 
 
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -445,7 +465,8 @@ def fit_adapter(
     Raises:
         DataError, UnsupportedElementError: bad data (nothing is written).
         OutputExistsError: ``out_dir`` holds results and neither ``overwrite`` nor ``resume``.
-        KeyboardInterrupt: re-raised after the best result so far has been written.
+        KeyboardInterrupt: re-raised after the best result so far has been written (nothing
+            is written when no epoch had finished).
 
     Example:
         >>> from mmea_calc.testing import build_tiny_mace, random_cluster
@@ -468,24 +489,26 @@ def fit_adapter(
         raise ConfigError("resume needs out_dir (where the checkpoint is)")
     model = _prepare_model(model_or_base, config, name)
     info = model.base_info if isinstance(model, AdaptedModel) else base_info(model)
+    head = resolve_head(info["heads"], config.head)
     zs = info["atomic_numbers"]
-    train_atoms = _labelled(train, keys, zs, "the training data")
+    train_atoms = _labelled(train, keys, zs, "the training data", head)
     if valid is None:
         train_atoms, valid_atoms = split_structures(train_atoms, config.valid_fraction, config.seed)
     else:
-        valid_atoms = _labelled(valid, keys, zs, "the validation data")
+        valid_atoms = _labelled(valid, keys, zs, "the validation data", head)
     run = _trainer.Run(
         config=config,
         train_atoms=train_atoms,
         valid_atoms=valid_atoms,
-        train_graphs=labelled_graphs(train_atoms, info),
-        valid_graphs=labelled_graphs(valid_atoms, info),
+        train_graphs=labelled_graphs(train_atoms, info, head),
+        valid_graphs=labelled_graphs(valid_atoms, info, head),
         base=info,
         hashes={"train": data_hash(train_atoms), "valid": data_hash(valid_atoms)},
+        base_fingerprints=frozenset(fingerprints(_bare(model))),
     )
     state = _trainer.read_checkpoint(out, run) if resume else None
     e0s = state.e0s if state is not None else _fit_e0s(model, run)
-    subject = _make_subject(model, config, name, e0s)
+    subject = _make_subject(model, config, name, e0s, head)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -494,16 +517,23 @@ def fit_adapter(
     try:
         loop.train()
     except KeyboardInterrupt:
-        logger.warning("interrupted: writing the best result so far")
-        _finish(loop, name, "interrupted")
+        if loop.best_state is None:
+            logger.warning("interrupted before the first epoch ended: nothing written")
+        else:
+            logger.warning("interrupted: writing the best result so far")
+            _finish(loop, name, "interrupted")
         raise
     return _finish(loop, name, loop.status)
+
+
+def _bare(model: AdaptedModel | torch.nn.Module) -> torch.nn.Module:
+    return model.base_model if isinstance(model, AdaptedModel) else model
 
 
 def _fit_e0s(model: Any, run: _trainer.Run) -> dict[int, float] | None:
     if not run.config.fit_e0s:
         return None
-    base = model.base_model if isinstance(model, AdaptedModel) else model
+    base = _bare(model)
     pred = predict(base, run.train_graphs, batch_size=run.config.eval_batch_size, forces=False)
     ref = reference_values(run.train_atoms)
     e0s = fit_e0_correction(run.train_atoms, ref["energy"] - pred["energy"], run.config.e0_ridge)
@@ -549,8 +579,6 @@ def _finish(loop: _trainer.Loop, name: str, status: str) -> FitResult:
             environment = describe_environment(subject.module, run.train_atoms)
         subject.export(loop.out, environment, summary)
         full = dict(summary, base=run.base, history=loop.history)
-        from mmea_calc import __version__
-
         full["mmea_calc_version"] = __version__
         atomic_write_json(loop.out / TRAINING_NAME, _json_safe(full))
     return FitResult(
@@ -599,7 +627,8 @@ def calibrate_adapter(
     """
     structures = read_atoms(structures)
     info = model.base_info
-    graphs = [atoms_to_graph(atoms, info) for atoms in structures]
+    head = model.adapter_head(name)
+    graphs = [atoms_to_graph(atoms, info, head=head) for atoms in structures]
     if not graphs:
         raise DataError("calibration needs at least one structure (the adapter's training data)")
     return model.calibrate_adapter(name, _batches(model, graphs, batch_size))

@@ -483,3 +483,113 @@ def test_compressed_structures_do_not_blow_up_once_the_ranges_are_known():
     assert not np.isfinite(before).all() or before.max() > 1e3  # unbounded gates explode
     # calibrated: compressed structures stay within what the adapter does in its own range
     assert np.isfinite(after).all() and after[1:].max() <= 1.5 * after[0], after
+
+
+# ---------------------------------------------------------------------------- state (issue 22)
+def test_disable_adapters_is_seen_by_the_calculator():
+    model = adapted(("a",))
+    atoms = box(seed=3)
+    atoms.calc = MMEACalculator(model, select="a")
+    adapted_energy = atoms.get_potential_energy()
+    bare_energy = MMEACalculator(model, select=None).get_potential_energy(atoms.copy())
+    assert abs(adapted_energy - bare_energy) > 1e-4
+    with model.disable_adapters():
+        assert atoms.get_potential_energy() == pytest.approx(bare_energy, abs=1e-12)
+    assert atoms.get_potential_energy() == pytest.approx(adapted_energy, abs=1e-12)
+
+
+def test_calculators_sharing_a_base_are_correct_from_several_threads():
+    import threading
+
+    base = build_tiny_mace()
+    models = [AdaptedModel(base), AdaptedModel(base)]
+    for i, model in enumerate(models):
+        model.add_adapter("a", MMEAConfig(rank=4))
+        randomize_adapter(model, "a", std=0.2, seed=10 + i)
+    structures = [box(seed=s, n=14) for s in range(4)]
+    expected = [
+        [MMEACalculator(m, select="a").get_forces(a.copy()) for a in structures] for m in models
+    ]
+    got: list[list] = [[None] * len(structures) for _ in models]
+    errors: list[BaseException] = []
+
+    def work(k):
+        try:
+            calc = MMEACalculator(models[k], select="a")
+            for _ in range(5):
+                for j, atoms in enumerate(structures):
+                    got[k][j] = calc.get_forces(atoms.copy())
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert np.abs(expected[0][0] - expected[1][0]).max() > 1e-3  # the two really differ
+    for k in range(2):
+        for j in range(len(structures)):
+            np.testing.assert_allclose(got[k][j], expected[k][j], rtol=0, atol=1e-12)
+
+
+def test_steps_and_loads_leave_process_wide_state_alone(tmp_path, monkeypatch):
+    model = adapted(("a",))
+    model.save_adapter("a", tmp_path / "a")
+    atoms = box(seed=5)
+    calc = MMEACalculator(model, select="a")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.set_default_dtype called on the per-step path")
+
+    calc.get_forces(atoms)  # first call: anything lazy happens here
+    monkeypatch.setattr(torch, "set_default_dtype", refuse)
+    atoms.positions[0] += 0.01
+    calc.get_forces(atoms)
+    monkeypatch.undo()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    other = AdaptedModel(build_tiny_mace())
+    other.load_adapter(tmp_path / "a")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_todict_and_set_follow_ase_conventions():
+    model = adapted(("a", "b"))
+    calc = MMEACalculator(model, select="a", on_extrapolation="warn")
+    settings = calc.todict()
+    assert settings["select"] == "a" and settings["adapters"] == ["a", "b"]
+    assert settings["on_extrapolation"] == "warn" and settings["default_dtype"] == "float64"
+    atoms = box(seed=2)
+    atoms.calc = calc
+    e_a = atoms.get_potential_energy()
+    changed = calc.set(select="b", extrapolation_threshold=2.0, routing_sharpness=3.0)
+    assert set(changed) == {"select", "extrapolation_threshold", "routing_sharpness"}
+    assert calc.results == {}  # reset
+    assert calc.todict()["select"] == "b" and calc.extrapolation_threshold == 2.0
+    e_b = atoms.get_potential_energy()
+    assert calc.results["adapter"] == "b" and abs(e_a - e_b) > 1e-6
+    assert calc.set(select="b") == {"select": "b"} or True  # re-setting is allowed
+    with pytest.raises(ConfigError, match="cannot change \\['adapters', 'base'\\]"):
+        calc.set(base="other.model", adapters=[])
+    with pytest.raises(TypeError, match="valid: \\['select'"):
+        calc.set(selection="a")
+    with pytest.raises(ConfigError, match="routing_sharpness must be a number > 0"):
+        calc.set(routing_sharpness=0)
+
+
+def test_batch_errors_name_the_structure_and_keep_the_results():
+    from mmea_calc.errors import ExtrapolationError
+
+    model = _robust_model()
+    known, squeezed = box(seed=0), box(seed=0)
+    squeezed.set_cell(squeezed.cell * 0.6, scale_atoms=True)
+    strict = MMEACalculator(model, select="a", on_extrapolation="error")
+    with pytest.raises(ExtrapolationError, match="structures \\[2\\]") as info:
+        strict.calculate_batch([known, known.copy(), squeezed], properties=("energy",))
+    results = info.value.results
+    assert len(results) == 3 and all(r is not None for r in results)
+    assert results[2]["adapter_extrapolation"] > 1.0 > results[0]["adapter_extrapolation"]
+    with pytest.raises(UnsupportedElementError, match="structure 1:"):
+        strict.calculate_batch([known, Atoms("Au2", positions=[[0, 0, 0], [2, 0, 0]])])

@@ -255,3 +255,18 @@ def test_calibrate_records_the_ranges_of_an_older_adapter(files, tmp_path, capsy
     assert main(["calibrate", str(tmp_path / "old"), "--base", files["base"],
                  "--data", str(tmp_path / "none.xyz")]) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_first_epoch_says_nothing_was_written(files, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    from mmea_calc import _trainer
+
+    def interrupted(self, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_trainer.Loop, "_train_epoch", interrupted)
+    out = tmp_path / "run"
+    assert _finetune(files, out) != 0
+    err = capsys.readouterr().err
+    assert "nothing was written" in err and "best result so far" not in err
+    assert not out.exists() or not any(out.iterdir())

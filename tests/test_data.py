@@ -137,3 +137,44 @@ def test_e0_fit_of_one_composition_is_finite_and_absorbs_the_offset():
     assert absorbed == pytest.approx(offset, rel=1e-3)  # the ridge leaves < 0.1 % behind
     # shared in proportion to the counts (the minimum-norm answer), not dumped on one element
     assert fitted[6] / fitted[8] == pytest.approx(9 / 4, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- fidelity (issue 22)
+def _labelled_box(seed=0, **info):
+    atoms = random_cluster(8, cell=6.0, seed=seed)
+    atoms.info["REF_energy"] = -3.0
+    atoms.arrays["REF_forces"] = np.zeros((8, 3))
+    atoms.info.update(info)
+    return atoms
+
+
+def test_mace_loss_weights_are_kept_and_reach_the_graphs():
+    atoms = _labelled_box(config_weight=0.5, config_forces_weight=2.0, config_energy_weight=0)
+    (copy,) = label_structures([atoms])
+    assert copy.info["config_weight"] == 0.5 and copy.info["config_energy_weight"] == 0.0
+    (graph,) = labelled_graphs([copy], INFO)
+    assert float(graph.weight) == 0.5 and float(graph.forces_weight) == 2.0
+    assert float(graph.energy_weight) == 0.0 and float(graph.stress_weight) == 0.0  # no stress
+    assert LABEL_KEYS["stress"] not in copy.info
+    plain = label_structures([_labelled_box()])
+    assert data_hash(plain) != data_hash([copy])  # weights change the run: resume sees it
+    with pytest.raises(DataError, match="config_weight must be a number >= 0"):
+        label_structures([_labelled_box(config_weight=-1)])
+
+
+def test_virials_become_a_stress_as_mace_defines_them():
+    virials = np.array([[1.0, 0.1, 0.0], [0.1, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    atoms = _labelled_box(REF_virials=virials, config_virials_weight=3.0)
+    (copy,) = label_structures([atoms])
+    np.testing.assert_allclose(copy.info[LABEL_KEYS["stress"]], -virials / atoms.get_volume())
+    assert copy.info["config_stress_weight"] == 3.0
+    molecule = _labelled_box(REF_virials=virials)
+    molecule.pbc, molecule.cell = False, np.zeros((3, 3))
+    with pytest.raises(DataError, match=r"virials .* need a 3-D cell"):
+        label_structures([molecule])
+
+
+def test_structures_of_another_head_are_refused():
+    assert len(label_structures([_labelled_box(head="Default")], head="Default")) == 1
+    with pytest.raises(DataError, match="structure 0 of dataset belongs to head 'pt_head'"):
+        label_structures([_labelled_box(head="pt_head")], head="Default")

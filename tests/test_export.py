@@ -137,14 +137,14 @@ def test_freeze_folds_e0_corrections_per_element_and_head(model):
     zs = [int(z) for z in model.base_model.atomic_numbers]
     expected = before + torch.tensor([E0S.get(z, 0.0) for z in zs], dtype=before.dtype)
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
-    base = build_tiny_mace()
-    two_heads = torch.stack([atomic_energies(base), atomic_energies(base) + 1.0])
-    base.atomic_energies_fn.atomic_energies = two_heads  # a multi-head [n_heads, n_el] table
+    base = build_tiny_mace(heads=("x", "Default"))  # a [n_heads, n_el] table
+    two_heads = atomic_energies(base).clone()
     multi = AdaptedModel(base)
-    multi.add_adapter("c", MMEAConfig(rank=2, targets=["readouts.0.linear"]), e0s={6: 2.0})
+    config = MMEAConfig(rank=2, targets=["readouts.0.linear"])
+    multi.add_adapter("c", config, e0s={6: 2.0}, head="x")
     folded = atomic_energies(multi.freeze("c"))
-    shift = torch.tensor([[0.0, 2.0, 0.0]] * 2, dtype=torch.float64)
-    torch.testing.assert_close(folded - two_heads, shift, rtol=0, atol=0)
+    shift = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(folded - two_heads, shift, rtol=0, atol=0)  # its head's row only
     assert torch.equal(atomic_energies(base), two_heads)  # the base keeps its own table
 
 
@@ -317,7 +317,7 @@ def test_adapted_model_is_refused_where_adapters_would_be_lost(model, tmp_path):
         export_lammps(model.base_model, "a", tmp_path / "x.pt")
     with pytest.raises(ExportError, match=r"float16.*'float32', 'float64'"):
         export_lammps(model, "a", tmp_path / "x.pt", dtype="float16")
-    with pytest.raises(ExportError, match=r"head 'nope'.*valid heads"):
+    with pytest.raises(ExportError, match=r"adapter 'a' belongs to head 'Default', not 'nope'"):
         export_lammps(model, "a", tmp_path / "x.pt", head="nope")
     with pytest.raises(ExportError, match="folder"):
         export_lammps(model, "a", tmp_path / "missing" / "x.pt")
@@ -428,3 +428,20 @@ def test_calibrated_gates_are_exported_with_their_ranges(tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-10)
     model.set_gate_ranges("a", None)  # without the ranges the answer differs: the test can fail
     assert (evaluate(model, [squeezed])["forces"] - want["forces"]).abs().max() > 1e-4
+
+
+def test_sidecar_never_describes_another_file(model, tmp_path, monkeypatch):
+    import mmea_calc.export as export_module
+
+    path = tmp_path / "a.pt"
+    export_lammps(model, "a", path)
+    old = json.loads(sidecar_path(path).read_text())
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped after the model file, before its sidecar
+
+    monkeypatch.setattr(export_module, "atomic_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_lammps(model, "a", path, dtype="float32", overwrite=True)
+    assert path.is_file() and not sidecar_path(path).exists()
+    assert old["dtype"] == "float64"

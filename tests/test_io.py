@@ -120,3 +120,46 @@ def test_logit_bound_round_trips_and_old_files_load_unbounded(saved, tmp_path):
     (path / CONFIG_NAME).write_text(json.dumps(cfg))
     fresh = AdaptedModel(build_tiny_mace())
     assert fresh.adapter_config(fresh.load_adapter(path)).logit_bound is None
+
+
+# ---------------------------------------------------------------------------- reliability
+def test_overwriting_an_adapter_is_old_or_new_never_a_mix(saved, tmp_path, monkeypatch):
+    import mmea_calc.io as io_module
+
+    model, path = saved
+    before = {k: v.clone() for k, v in model.adapter_state_dict("water").items()}
+    randomize_adapter(model, "water", std=0.2, seed=9)  # new tensors for the same adapter
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped between the tensors and the config
+
+    monkeypatch.setattr(io_module, "atomic_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_adapter("water", path)
+    monkeypatch.undo()
+    fresh = AdaptedModel(build_tiny_mace())
+    fresh.load_adapter(path)  # the old adapter, whole: its checksum matches
+    for key, value in fresh.adapter_state_dict("water").items():
+        assert torch.equal(value, before[key]), key
+    model.save_adapter("water", path)  # a complete write: the new one, and no backup left
+    again = AdaptedModel(build_tiny_mace())
+    again.load_adapter(path)
+    new = model.adapter_state_dict("water")
+    assert all(torch.equal(v, new[k]) for k, v in again.adapter_state_dict("water").items())
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_a_failed_load_of_any_kind_leaves_the_model_as_it_was(saved, monkeypatch):
+    _, path = saved
+    model = AdaptedModel(build_tiny_mace())
+    model.add_adapter("other", MMEAConfig(rank=2))
+    layers_before = sorted(model.mmea_layers)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AdaptedModel, "_copy_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.load_adapter(path)
+    assert model.adapter_names == ["other"] and sorted(model.mmea_layers) == layers_before
+    assert all(list(model.mmea_layers[k].gates) == ["other"] for k in model.mmea_layers)
