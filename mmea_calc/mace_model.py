@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmea_calc._deps import mace, o3, torch_tools
+from mmea_calc._deps import lora, mace, o3, torch_tools
 from mmea_calc.errors import BaseFormatError, BaseModelError, ConfigError
 
 __all__ = [
     "LAMMPS_ATTRS",
     "MODEL_CLASSES",
+    "NODE_WISE_LINEARS",
     "atomic_energies",
     "base_config",
     "build_from_config",
@@ -34,6 +35,7 @@ __all__ = [
     "invariant_feature_index",
     "load_state",
     "missing_attributes",
+    "node_wise_linears",
 ]
 
 MODEL_CLASSES = ("MACE", "ScaleShiftMACE")
@@ -111,6 +113,104 @@ def node_energy_module(model: torch.nn.Module) -> torch.nn.Module:
     and differentiated: ``scale_shift`` of a ScaleShiftMACE, else the last readout. A forward
     hook adding a per-node term to its output adds it to the energy, forces and stress."""
     return model.scale_shift if hasattr(model, "scale_shift") else model.readouts[-1]
+
+
+#: The ``o3.Linear`` children of mace-torch's own blocks that run once per node: their input and
+#: output rows are the graph's nodes, in its node order (checked for every block of
+#: ``mace.modules.interaction_classes`` and every readout that builds, mace-torch 0.3.16). The
+#: ``edge_irreps`` of an interaction are the width of ``linear_up``'s output; it still runs on
+#: nodes (the gather to edges comes after it).
+NODE_WISE_LINEARS: dict[str, tuple[str, ...]] = {
+    "LinearNodeEmbeddingBlock": ("linear",),
+    "LinearReadoutBlock": ("linear",),
+    "NonLinearReadoutBlock": ("linear_1", "linear_2"),
+    "NonLinearBiasReadoutBlock": ("linear_1", "linear_mid", "linear_2"),
+    "EquivariantProductBasisBlock": ("linear",),
+    "RealAgnosticInteractionBlock": ("linear_up", "linear"),
+    "RealAgnosticResidualInteractionBlock": ("linear_up", "linear"),
+    "RealAgnosticDensityInteractionBlock": ("linear_up", "linear"),
+    "RealAgnosticDensityResidualInteractionBlock": ("linear_up", "linear"),
+    "RealAgnosticAttResidualInteractionBlock": (
+        "linear_up",
+        "linear_down",
+        "linear",
+        "skip_linear",
+    ),
+    "RealAgnosticResidualNonLinearInteractionBlock": (
+        "source_embedding",
+        "target_embedding",
+        "linear_up",
+        "skip_tp",
+        "linear_res",
+        "linear_1",
+        "linear_2",
+    ),
+}
+
+
+def _why_not_node_wise(
+    name: str, linear: torch.nn.Module, parent_name: str, parent: torch.nn.Module
+) -> str | None:
+    """Why MMEA's per-node gates cannot be put on ``linear`` (``None``: they can)."""
+    if not linear.internal_weights:
+        return "its weights are an input of its forward (internal_weights=False), not its own"
+    cls = type(parent).__name__
+    if isinstance(parent, lora.LoRAO3Linear):
+        return (
+            f"it is part of mace's unmerged LoRA wrapper {cls} at {parent_name!r}, whose output "
+            "adds a term the gates would not see; merge it first "
+            "(mace.modules.lora.merge_lora_weights)"
+        )
+    known = getattr(_modules().blocks, cls, None) if cls in NODE_WISE_LINEARS else None
+    if known is None or type(parent) is not known:
+        return (
+            f"it sits in a {type(parent).__module__}.{cls} ({parent_name or 'the model'!r}), "
+            "not in one of mace-torch's blocks known to run it once per node; MMEA gates are "
+            "computed per node from the node's own 0e input, so a linear whose rows may be "
+            "edges (or anything but the graph's nodes) cannot carry them"
+        )
+    leaf = name.rpartition(".")[2]
+    if leaf not in NODE_WISE_LINEARS[cls]:
+        return (
+            f"it is not one of the node-wise linears of mace's {cls} "
+            f"({list(NODE_WISE_LINEARS[cls])})"
+        )
+    return None
+
+
+def node_wise_linears(
+    model: torch.nn.Module,
+) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """Split the ``o3.Linear`` modules of a MACE model into those MMEA can gate and the rest.
+
+    A linear can carry MMEA gates when it runs once per node (its rows are the graph's nodes)
+    and owns its weights: the ``o3.Linear`` children listed in :data:`NODE_WISE_LINEARS` of
+    mace-torch's own blocks (the exact classes, not subclasses, which may run them otherwise).
+    Any other ``o3.Linear`` (in a block this module does not know, inside mace's unmerged LoRA
+    wrapper, with external weights) is returned with the reason.
+
+    Returns:
+        ``({name: linear}, {name: why it cannot be gated})``, both in module order.
+
+    Example:
+        >>> from mmea_calc.testing import build_tiny_mace
+        >>> gateable, other = node_wise_linears(build_tiny_mace())
+        >>> list(gateable)[:3], other
+        (['node_embedding.linear', 'interactions.0.linear_up', 'interactions.0.linear'], {})
+    """
+    modules = dict(model.named_modules())
+    gateable: dict[str, torch.nn.Module] = {}
+    other: dict[str, str] = {}
+    for name, module in modules.items():
+        if not isinstance(module, o3.Linear):
+            continue
+        parent_name = name.rpartition(".")[0]
+        why = _why_not_node_wise(name, module, parent_name, modules[parent_name])
+        if why is None:
+            gateable[name] = module
+        else:
+            other[name] = why
+    return gateable, other
 
 
 def float_dtype_name(model: torch.nn.Module) -> str:

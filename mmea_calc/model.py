@@ -51,6 +51,7 @@ from mmea_calc.mace_model import (
     atomic_energies,
     model_heads,
     node_energy_module,
+    node_wise_linears,
     resolve_head,
 )
 from mmea_calc.model_files import AdapterFiles
@@ -80,14 +81,6 @@ class _AdapterRecord:
     head: str
     e0s: dict[int, float] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def _adaptable_linears(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {
-        name: module
-        for name, module in base.named_modules()
-        if isinstance(module, o3.Linear) and module.internal_weights
-    }
 
 
 def _scalar_width(module: torch.nn.Module) -> int:
@@ -191,7 +184,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self.base_model = load_base(base, device=device, dtype=dtype)
         self.mmea_layers = torch.nn.ModuleDict()
         self.paper_parts = torch.nn.ModuleDict()  # adapter name -> PaperParts (preset "paper")
-        self._linears = _adaptable_linears(self.base_model)  # plain dict: not submodules here
+        # plain dicts, not submodules here: the linears MMEA can gate, and the others with why
+        self._linears, self._not_gateable = node_wise_linears(self.base_model)
         self._records: dict[str, _AdapterRecord] = {}
         self._active: str | None = None
         self._disabled = False
@@ -326,14 +320,32 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
 
     # ---------------------------------------------------------------- adapter management
     def resolve_targets(self, targets: Sequence[str] | None) -> list[str]:
-        """Module names selected by ``targets`` (``None`` = every adaptable linear)."""
+        """Module names selected by ``targets`` (``None`` = every adaptable linear).
+
+        Adaptable are the node-wise ``o3.Linear`` modules of mace's blocks
+        (:func:`~mmea_calc.mace_model.node_wise_linears`); any other ``o3.Linear`` is left
+        out of the default set, and a pattern that matches one raises :class:`TargetError`
+        naming it and why.
+        """
         available = self._linears
         usable = {n for n, m in available.items() if _scalar_width(m) > 0}
         if targets is None:
             chosen = [n for n in available if n in usable]
+            if self._not_gateable:
+                logger.warning(
+                    "MMEA leaves %d o3.Linear modules of the base ungated: %s",
+                    len(self._not_gateable),
+                    "; ".join(f"{n}: {why}" for n, why in self._not_gateable.items()),
+                )
         else:
             chosen = []
             for pattern in targets:
+                refused = [n for n in self._not_gateable if _match(pattern, n)]
+                if refused:
+                    raise TargetError(
+                        f"target {pattern!r} matches o3.Linear modules MMEA cannot gate: "
+                        + "; ".join(f"{n!r}: {self._not_gateable[n]}" for n in refused)
+                    )
                 hits = [n for n in available if _match(pattern, n)]
                 if not hits:
                     raise TargetError(
@@ -345,7 +357,11 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                     raise TargetError(f"targets {bad} have no 0e input block to drive gates")
                 chosen += [n for n in hits if n not in chosen]
         if not chosen:
-            raise TargetError("no adaptable o3.Linear (with internal weights) in the base model")
+            others = "; ".join(f"{n!r}: {why}" for n, why in self._not_gateable.items())
+            raise TargetError(
+                "no adaptable o3.Linear (node-wise, with internal weights and a 0e input) in the "
+                "base model" + (f"; o3.Linear modules MMEA cannot gate: {others}" if others else "")
+            )
         return [n for n in available if n in chosen]
 
     def add_adapter(

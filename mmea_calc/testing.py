@@ -19,6 +19,8 @@ from mmea_calc._deps import mace, o3, torch_tools
 from mmea_calc.data import atoms_to_graph, collate
 
 __all__ = [
+    "CHARGE_SPIN_EMBEDDING",
+    "build_mace_variant",
     "build_tiny_mace",
     "evaluate",
     "random_cluster",
@@ -132,6 +134,133 @@ def _build_tiny_mace(
             for pname, param in model.named_parameters():
                 if "weights" in pname and "symmetric" in pname:
                     param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+#: ``embedding_specs`` of :func:`build_mace_variant` with ``charge_spin_embedding``: the
+#: structure's total charge and spin as categorical per-graph embeddings, read from the graph's
+#: ``total_charge``/``total_spin`` (mmea_calc's graphs carry mace's defaults, 0 and 1).
+CHARGE_SPIN_EMBEDDING: dict[str, dict[str, Any]] = {
+    "total_charge": {"type": "categorical", "per": "graph", "num_classes": 11, "emb_dim": 4,
+                     "offset": 5},
+    "total_spin": {"type": "categorical", "per": "graph", "num_classes": 11, "emb_dim": 4},
+}  # fmt: skip
+
+
+def build_mace_variant(
+    interaction: str = "RealAgnosticResidualInteractionBlock",
+    *,
+    interaction_first: str | None = None,
+    readout: str = "NonLinearReadoutBlock",
+    hidden_irreps: str = "8x0e+8x1o",
+    edge_irreps: str | None = None,
+    use_edge_irreps_first: bool = False,
+    use_agnostic_product: bool = False,
+    use_last_readout_only: bool = False,
+    keep_last_layer_irreps: bool = False,
+    charge_spin_embedding: bool = False,
+    scale_shift: bool = True,
+    dtype: str | torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A small seeded H/C/O MACE (2 interactions, ``max_ell=2``) built with any of mace-torch's
+    interaction blocks and readouts and the constructor options foundation models use.
+
+    ``interaction`` and ``readout`` are keys of ``mace.modules.interaction_classes`` and
+    ``readout_classes``; ``interaction_first`` defaults to ``interaction``;
+    ``charge_spin_embedding`` adds :data:`CHARGE_SPIN_EMBEDDING` with
+    ``use_embedding_readout``. The other options are the ``MACE`` constructor's own. Models are
+    built once per argument set and deep-copied; the global RNG is untouched.
+
+    Example:
+        >>> model = build_mace_variant("RealAgnosticDensityInteractionBlock")
+        >>> type(model.interactions[1]).__name__
+        'RealAgnosticDensityInteractionBlock'
+    """
+    return copy.deepcopy(
+        _build_mace_variant(
+            interaction,
+            interaction_first or interaction,
+            readout,
+            hidden_irreps,
+            edge_irreps,
+            bool(use_edge_irreps_first),
+            bool(use_agnostic_product),
+            bool(use_last_readout_only),
+            bool(keep_last_layer_irreps),
+            bool(charge_spin_embedding),
+            bool(scale_shift),
+            str(dtype).replace("torch.", ""),
+            int(seed),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _build_mace_variant(
+    interaction: str,
+    interaction_first: str,
+    readout: str,
+    hidden_irreps: str,
+    edge_irreps: str | None,
+    use_edge_irreps_first: bool,
+    use_agnostic_product: bool,
+    use_last_readout_only: bool,
+    keep_last_layer_irreps: bool,
+    charge_spin_embedding: bool,
+    scale_shift: bool,
+    dtype: str,
+    seed: int,
+) -> torch.nn.Module:
+    blocks = mace.modules.interaction_classes
+    atomic_numbers = [1, 6, 8]
+    rng = np.random.default_rng(seed)
+    kwargs: dict[str, Any] = dict(
+        r_max=4.0,
+        num_bessel=6,
+        num_polynomial_cutoff=5,
+        max_ell=2,
+        interaction_cls=blocks[interaction],
+        interaction_cls_first=blocks[interaction_first],
+        num_interactions=2,
+        num_elements=len(atomic_numbers),
+        hidden_irreps=o3.Irreps(hidden_irreps),
+        MLP_irreps=o3.Irreps("8x0e"),
+        gate=torch.nn.functional.silu,
+        atomic_energies=rng.uniform(-5.0, -1.0, size=len(atomic_numbers)),
+        avg_num_neighbors=6.0,
+        atomic_numbers=atomic_numbers,
+        correlation=3,
+        radial_MLP=[16, 16],
+        readout_cls=mace.modules.readout_classes[readout],
+        edge_irreps=None if edge_irreps is None else o3.Irreps(edge_irreps),
+        use_edge_irreps_first=use_edge_irreps_first,
+        use_agnostic_product=use_agnostic_product,
+        use_last_readout_only=use_last_readout_only,
+        keep_last_layer_irreps=keep_last_layer_irreps,
+    )
+    if charge_spin_embedding:
+        kwargs["embedding_specs"] = copy.deepcopy(CHARGE_SPIN_EMBEDDING)
+        kwargs["use_embedding_readout"] = True
+    with (  # mace reads the default dtype and draws from the global RNG: scope both
+        torch.random.fork_rng(),
+        torch_tools.default_dtype(dtype),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message="The TorchScript type system")
+        torch.manual_seed(seed)
+        if scale_shift:
+            model = mace.modules.ScaleShiftMACE(
+                atomic_inter_scale=1.3, atomic_inter_shift=0.1, **kwargs
+            )
+        else:
+            model = mace.modules.MACE(**kwargs)
+        with torch.no_grad():  # non-trivial weights where mace's init is (near) zero
+            for pname, param in model.named_parameters():
+                if "weights" in pname and "symmetric" in pname:
+                    param.normal_(0.0, 0.5)
+                elif pname.endswith(("source_embedding.weight", "target_embedding.weight")):
+                    param.normal_(0.0, 1.0)
     return model.eval()
 
 
