@@ -147,7 +147,7 @@ def test_accuracy_refuses_unknown_methods_before_any_work(tmp_path, monkeypatch)
 
 
 def test_benchmarks_skip_with_a_message_without_shared_assets(tmp_path, monkeypatch, capsys):
-    for name in ("accuracy", "speed", "robustness"):
+    for name in ("accuracy", "speed", "robustness", "precision"):
         module = _load(name)
         monkeypatch.setattr(module, "MODEL", tmp_path / "absent.model")
         assert module.main(["--out", str(tmp_path / f"{name}.json")]) == 0
@@ -311,3 +311,57 @@ def test_robustness_of_the_shipped_adapters_runs_on_stand_ins(demo_assets, tmp_p
     for result in adapters.values():
         assert set(result["rattle"]) == {"mmea", "mmea-old"}
         assert result["test"]["mmea"]["forces_mae_meV_per_A"] < 1e-3  # labelled by the adapter
+
+
+def test_precision_trains_both_dtypes_times_them_and_resumes(toy_rmd17, tmp_path, monkeypatch):
+    precision = _load("precision")
+    monkeypatch.setattr(precision, "MODEL", toy_rmd17.MODEL)
+    monkeypatch.setattr(precision, "RMD17", toy_rmd17.RMD17)
+    out = tmp_path / "my results" / "precision.json"  # a space to quote
+    args = ["--molecules", "toy", "--epochs", "2", "--n-test", "3", "--timing-frames", "2"]
+    args += ["--passes", "1", "--threads", "1", "--out", str(out), "--work", str(tmp_path / "w")]
+    assert precision.main(args) == 0
+    results = json.loads(out.read_text())
+    setup = results["setup"]
+    assert (setup["epochs"], setup["n_test"], setup["rank"], setup["preset"]) == (2, 3, 16, "gates")
+    assert [shlex.split(c) for c in setup["commands"]] == [
+        ["python", "benchmarks/precision.py", *args]
+    ]
+    toy = results["molecules"]["toy"]
+    assert set(toy) == {"float64", "float32", "serve"}
+    for dtype in ("float64", "float32"):
+        fit = toy[dtype]
+        assert fit["dtype"] == fit["parameter_dtype"] == dtype
+        assert fit["status"] == "complete" and fit["epochs_completed"] == 2
+        assert 1 <= fit["best_epoch"] <= 2 and len(fit["history"]) == 2
+        assert fit["seconds_per_epoch"] > 0 and fit["valid"]["n_structures"] == 4
+        assert fit["test"]["n_structures"] == 3 and fit["test"]["forces_mae_meV_per_A"] > 0
+        assert (tmp_path / "w" / "toy" / dtype / "adapter_config.json").is_file()
+    assert toy["float32"]["trainable_parameters"] == toy["float64"]["trainable_parameters"]
+    # same seed and schedule: the two fits land close, but not bit for bit
+    f64, f32 = (toy[d]["test"]["forces_mae_meV_per_A"] for d in ("float64", "float32"))
+    assert f32 != f64 and abs(f32 / f64 - 1) < 0.2
+    serve = toy["serve"]
+    speed = serve["calculator_speed"]
+    assert (speed["structures"], speed["steps_per_dtype"], speed["atoms"]) == (2, 2, 8)
+    assert speed["float32_ms_per_structure"] > 0 and speed["float64_ms_per_structure"] > 0
+    assert speed["median_pair_ratio"] > 0 and speed["ratio_of_medians"] > 0
+    # the calculators read back from the files give the fits' own test energies
+    reproduced = serve["reproduced_max_abs_energy_diff_eV"]
+    assert reproduced["float64"] < 1e-9 and reproduced["float32"] < 1e-4
+    served = serve["float64_trained_served_float32"]
+    assert served["test"]["n_structures"] == 3
+    assert 0 < served["max_abs_force_diff_meV_per_A"] < 1.0
+
+    # A re-run skips finished steps: nothing is trained or timed again, nothing changes.
+    def boom(*_args, **_kwargs):
+        raise AssertionError("a finished step ran again")
+
+    monkeypatch.setattr(precision, "_fit", boom)
+    monkeypatch.setattr(precision, "_serve", boom)
+    assert precision.main(args) == 0
+    assert json.loads(out.read_text()) == results
+    # Another schedule would mix settings in one file: refused, nothing changed.
+    with pytest.raises(SystemExit, match=r"'epochs': \(2, 3\)"):
+        precision.main([*args, "--epochs", "3"])
+    assert json.loads(out.read_text()) == results
