@@ -365,3 +365,20 @@ def test_precision_trains_both_dtypes_times_them_and_resumes(toy_rmd17, tmp_path
     with pytest.raises(SystemExit, match=r"'epochs': \(2, 3\)"):
         precision.main([*args, "--epochs", "3"])
     assert json.loads(out.read_text()) == results
+
+
+def test_float32_md_reports_tolerance_and_nve_drift_of_the_shipped_adapters(tmp_path):
+    bench = _load("float32_md")
+    out = tmp_path / "f32.json"
+    argv = ["--steps", "4", "--block", "2", "--out", str(out)]
+    assert bench.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert shlex.split(results["command"])[2:] == argv
+    for adapter in ("water", "aspirin"):
+        tolerance = results["tolerance"][adapter]
+        # float32 rounding, not zero (two dtypes really ran) and far below model errors
+        assert 0 < tolerance["forces_meV_per_A_max"] < 5.0
+        assert 0 < tolerance["energy_per_atom_meV_max"] < 1.0
+    nve = results["nve_water"]
+    assert nve["float64"]["ms_per_step"] > 0 and nve["float32"]["ms_per_step"] > 0
+    assert abs(nve["float32"]["drift_meV_per_atom"] - nve["float64"]["drift_meV_per_atom"]) < 1
