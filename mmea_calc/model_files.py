@@ -245,6 +245,11 @@ class AdapterFiles:
         self._check_base(cfg["base"], where)
         name = name or cfg.get("name") or Path(directory).resolve().name
         targets = list(cfg["targets"])
+        refused = {t: self._not_gateable[t] for t in targets if t in self._not_gateable}
+        if refused:
+            raise AdapterFormatError(
+                f"adapter {where} targets linears MMEA cannot gate in this base: {refused}"
+            )
         unknown = [t for t in targets if t not in self._linears]
         if unknown:
             raise AdapterFormatError(f"adapter targets {unknown} do not exist in the base model")

@@ -74,6 +74,37 @@ def build_tiny_mace(
     )
 
 
+def _tiny_kwargs(
+    interaction: str,
+    interaction_first: str,
+    hidden_irreps: str,
+    atomic_numbers: Sequence[int],
+    r_max: float,
+    num_interactions: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """The constructor arguments every tiny test model shares."""
+    blocks = mace.modules.interaction_classes
+    return dict(
+        r_max=r_max,
+        num_bessel=6,
+        num_polynomial_cutoff=5,
+        max_ell=2,
+        interaction_cls=blocks[interaction],
+        interaction_cls_first=blocks[interaction_first],
+        num_interactions=num_interactions,
+        num_elements=len(atomic_numbers),
+        hidden_irreps=o3.Irreps(hidden_irreps),
+        MLP_irreps=o3.Irreps("8x0e"),
+        gate=torch.nn.functional.silu,
+        atomic_energies=rng.uniform(-5.0, -1.0, size=len(atomic_numbers)),
+        avg_num_neighbors=6.0,
+        atomic_numbers=list(atomic_numbers),
+        correlation=3,
+        radial_MLP=[16, 16],
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def _build_tiny_mace(
     hidden_irreps: str,
@@ -87,29 +118,10 @@ def _build_tiny_mace(
     seed: int,
     heads: tuple[str, ...] | None = None,
 ) -> torch.nn.Module:
-    blocks = mace.modules.interaction_classes
     name = "RealAgnosticResidualInteractionBlock" if residual else "RealAgnosticInteractionBlock"
-    inter = blocks[name]
     rng = np.random.default_rng(seed)
-    kwargs: dict[str, Any] = dict(
-        r_max=r_max,
-        num_bessel=6,
-        num_polynomial_cutoff=5,
-        max_ell=2,
-        interaction_cls=inter,
-        interaction_cls_first=inter,
-        num_interactions=num_interactions,
-        num_elements=len(atomic_numbers),
-        hidden_irreps=o3.Irreps(hidden_irreps),
-        MLP_irreps=o3.Irreps("8x0e"),
-        gate=torch.nn.functional.silu,
-        atomic_energies=rng.uniform(-5.0, -1.0, size=len(atomic_numbers)),
-        avg_num_neighbors=6.0,
-        atomic_numbers=list(atomic_numbers),
-        correlation=3,
-        radial_MLP=[16, 16],
-        pair_repulsion=pair_repulsion,
-    )
+    kwargs = _tiny_kwargs(name, name, hidden_irreps, atomic_numbers, r_max, num_interactions, rng)
+    kwargs["pair_repulsion"] = pair_repulsion
     scale, shift = 1.3, 0.1
     if heads is not None:
         kwargs["heads"] = list(heads)
@@ -212,26 +224,9 @@ def _build_mace_variant(
     dtype: str,
     seed: int,
 ) -> torch.nn.Module:
-    blocks = mace.modules.interaction_classes
-    atomic_numbers = [1, 6, 8]
     rng = np.random.default_rng(seed)
-    kwargs: dict[str, Any] = dict(
-        r_max=4.0,
-        num_bessel=6,
-        num_polynomial_cutoff=5,
-        max_ell=2,
-        interaction_cls=blocks[interaction],
-        interaction_cls_first=blocks[interaction_first],
-        num_interactions=2,
-        num_elements=len(atomic_numbers),
-        hidden_irreps=o3.Irreps(hidden_irreps),
-        MLP_irreps=o3.Irreps("8x0e"),
-        gate=torch.nn.functional.silu,
-        atomic_energies=rng.uniform(-5.0, -1.0, size=len(atomic_numbers)),
-        avg_num_neighbors=6.0,
-        atomic_numbers=atomic_numbers,
-        correlation=3,
-        radial_MLP=[16, 16],
+    kwargs = _tiny_kwargs(interaction, interaction_first, hidden_irreps, (1, 6, 8), 4.0, 2, rng)
+    kwargs.update(
         readout_cls=mace.modules.readout_classes[readout],
         edge_irreps=None if edge_irreps is None else o3.Irreps(edge_irreps),
         use_edge_irreps_first=use_edge_irreps_first,
