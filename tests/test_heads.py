@@ -111,3 +111,13 @@ def test_training_data_of_another_head_is_refused():
     data[2].info["head"] = "pbe"
     with pytest.raises(DataError, match="structure 2 of the training data belongs to head 'pbe'"):
         fit_adapter(_base(), data, config=TrainConfig(rank=2, epochs=1, head="spice"))
+
+
+def test_cli_info_lists_a_bases_heads(tmp_path, capsys):
+    import torch
+
+    from mmea_calc.cli import main
+
+    torch.save(_base(), tmp_path / "multi.model")
+    assert main(["info", str(tmp_path / "multi.model")]) == 0
+    assert "pbe spice Default" in capsys.readouterr().out
