@@ -97,6 +97,10 @@ class Route:
     mixture: Mixture | None = None
 
 
+#: Kinds of output irrep blocks in :attr:`GateLayout.blocks` (ints: TorchScript reads them).
+BLOCK_NONE, BLOCK_GATE, BLOCK_SHIFT = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class GateLayout:
     """Where gates and additive terms act in one linear's input and output."""
@@ -108,8 +112,8 @@ class GateLayout:
     mult_index: tuple[int, ...]  # per output feature: column of [gates | 1]
     add_index: tuple[int, ...]  # per output feature: column of [shifts | 0]
     # per output irrep block: (start, stop, mul, ir_dim, kind, first gate/shift column), kind
-    # "gate" (l > 0), "shift" (0e) or "none" (0o: a shift would break parity)
-    blocks: tuple[tuple[int, int, int, int, str, int], ...] = ()
+    # BLOCK_GATE (l > 0), BLOCK_SHIFT (0e) or BLOCK_NONE (0o: a shift would break parity)
+    blocks: tuple[tuple[int, int, int, int, int, int], ...] = ()
 
 
 def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
@@ -129,7 +133,7 @@ def gate_layout(irreps_in: o3.Irreps, irreps_out: o3.Irreps) -> GateLayout:
     for (mul, ir), sl in zip(irreps_out, irreps_out.slices(), strict=True):
         if mul == 0:
             continue
-        kind = "gate" if ir.l > 0 else "shift" if ir == o3.Irrep("0e") else "none"
+        kind = BLOCK_GATE if ir.l > 0 else BLOCK_SHIFT if ir == o3.Irrep("0e") else BLOCK_NONE
         blocks.append((sl.start, sl.stop, mul, ir.dim, kind, gate if ir.l > 0 else shift))
         for _ in range(mul):
             if ir.l > 0:
@@ -221,6 +225,94 @@ def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tenso
         [1.0, 0.779, 0.368, 0.0]
     """
     return torch.exp(excess_squared * (-1.0 / (scale * scale)))
+
+
+def gate_terms(
+    z: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    shift_weight: torch.Tensor,
+    shift_bias: torch.Tensor,
+    ranges: list[torch.Tensor],
+    logit_ranges: list[torch.Tensor],
+    logit_bound: float,
+    phi_exp: bool,
+    fade_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """THE gate formula: multipliers and additive terms from the bottleneck pre-activation.
+
+    Every path computes its gates here: :class:`MMEAGate` (one adapter, mixed batches,
+    per-atom routing) and :class:`FrozenMMEALinear` (the exported model), so a fix or a
+    speed-up lands everywhere. TorchScript compiles it.
+
+    Args:
+        z: ``W_down h[0e] + b_down``, ``[n, rank]``.
+        gate_weight, gate_bias: the gate head (``[n_gates, rank]``, ``[n_gates]``; 0 rows
+            when the output has no ``l > 0`` block); shift_weight, shift_bias: the additive
+            head, alike for ``0e`` outputs.
+        ranges: ``[]`` (uncalibrated) or the bottleneck's ``[low, high, saturation width,
+            1/span, 1/saturation width]`` (:meth:`MMEAGate.set_range`).
+        logit_ranges: ``[]`` or the bounded logits' ``[low, high, saturation width]``.
+        logit_bound: ``c`` of the soft bound ``c tanh(g / c)``; ``<= 0``: unbounded.
+        phi_exp: ``exp`` (else ``1 + x``).
+        fade_scale: see :func:`fade`.
+
+    Returns:
+        ``(scale [n, n_gates], shift [n, n_shifts], excess_squared [n])``; ``excess_squared``
+        (the squared distance outside the bottleneck range, :func:`range_rule`) is empty when
+        uncalibrated. Inside the ranges this is the plain MMEA gate; outside, ``z`` and the
+        logits saturate and the update (logits and shifts) fades with the distance.
+    """
+    weight = z.new_ones(0)
+    excess_squared = z.new_zeros(0)
+    calibrated = len(ranges) == 5
+    if calibrated:
+        z, excess_squared = range_rule(z, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4])
+        weight = fade(excess_squared, fade_scale).unsqueeze(1)
+    u = torch.nn.functional.silu(z)
+    scale = z.new_zeros(z.shape[0], 0)
+    if gate_weight.shape[0] > 0:
+        logits = torch.nn.functional.linear(u, gate_weight, gate_bias)
+        if logit_bound > 0:
+            logits = logit_bound * torch.tanh(logits / logit_bound)
+        if len(logit_ranges) == 3:  # the (bounded) logits' training range
+            logits = saturate(logits, logit_ranges[0], logit_ranges[1], logit_ranges[2])
+        if calibrated:
+            logits = logits * weight
+        scale = torch.exp(logits) if phi_exp else 1.0 + logits
+    shift = z.new_zeros(z.shape[0], 0)
+    if shift_weight.shape[0] > 0:
+        shift = torch.nn.functional.linear(u, shift_weight, shift_bias)
+        if calibrated:
+            shift = shift * weight
+    return scale, shift, excess_squared
+
+
+def modulate(
+    out: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    blocks: list[tuple[int, int, int, int, int, int]],
+) -> torch.Tensor:
+    """Multiply ``l > 0`` channels of ``out`` by ``scale`` and add ``shift`` to ``0e`` channels
+    (``None``: leave them), block by block (:attr:`GateLayout.blocks`).
+
+    A view and a broadcast per irrep block, not a gather of a per-feature multiplier: the
+    gather's backward is a scatter, and this runs in every force call. Shared by every path,
+    like :func:`gate_terms`.
+    """
+    parts: list[torch.Tensor] = []
+    for start, stop, mul, dim, kind, col in blocks:
+        block = out[:, start:stop]
+        if kind == 1 and scale is not None:  # BLOCK_GATE (TorchScript reads no globals)
+            gates = scale[:, col : col + mul].unsqueeze(-1)
+            block = (block.reshape(-1, mul, dim) * gates).reshape(-1, mul * dim)
+        elif kind == 2 and shift is not None:  # BLOCK_SHIFT
+            block = block + shift[:, col : col + mul]
+        parts.append(block)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts, dim=1)
 
 
 class MMEAGate(torch.nn.Module):
@@ -370,28 +462,38 @@ class MMEAGate(torch.nn.Module):
         adapter is exactly what was trained; far outside, the bare base. The nodes' squared
         distances (detached) are appended to ``excess_sink`` when given.
         """
-        weight = None
-        if self.range_low is not None:
-            ranges = (self.range_low, self.range_high, self.range_width, self._inv_span)
-            z, excess_squared = range_rule(z, *ranges, self._inv_width)
-            if excess_sink is not None:
-                excess_sink.append(excess_squared.detach())
-            weight = fade(excess_squared, self.fade_scale).unsqueeze(1)
-        u = torch.nn.functional.silu(z)
-        scale = None
-        if self.gate is not None:
-            logits = self.gate(u)
-            if self.logit_bound is not None:
-                logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
-            if self.logit_low is not None:  # the (bounded) logits' training range
-                logits = saturate(logits, self.logit_low, self.logit_high, self.logit_width)
-            if weight is not None:
-                logits = logits * weight
-            scale = torch.exp(logits) if self.phi == "exp" else 1.0 + logits
-        shift = self.shift(u) if self.shift is not None else None
-        if shift is not None and weight is not None:
-            shift = shift * weight
-        return scale, shift
+        gate_w, gate_b = _head(self.gate, z)
+        shift_w, shift_b = _head(self.shift, z)
+        scale, shift, excess_squared = gate_terms(
+            z,
+            gate_w,
+            gate_b,
+            shift_w,
+            shift_b,
+            self.range_tensors(),
+            self.logit_range_tensors(),
+            self.logit_bound if self.logit_bound is not None else 0.0,
+            self.phi == "exp",
+            self.fade_scale,
+        )
+        if excess_sink is not None and excess_squared.numel():
+            excess_sink.append(excess_squared.detach())
+        return (scale if self.gate is not None else None), (
+            shift if self.shift is not None else None
+        )
+
+    def range_tensors(self) -> list[torch.Tensor]:
+        """The bottleneck's range as :func:`gate_terms` takes it (``[]``: uncalibrated)."""
+        if self.range_low is None:
+            return []
+        return [self.range_low, self.range_high, self.range_width, self._inv_span,
+                self._inv_width]  # fmt: skip
+
+    def logit_range_tensors(self) -> list[torch.Tensor]:
+        """The logits' range as :func:`gate_terms` takes it (``[]``: none recorded)."""
+        if self.logit_low is None:
+            return []
+        return [self.logit_low, self.logit_high, self.logit_width]
 
     def forward(self, scalars: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-node multipliers for ``l > 0`` channels and additive terms for ``0e`` channels."""
@@ -424,6 +526,7 @@ class MMEALayer(torch.nn.Module):
         self.irreps_in = o3.Irreps(str(linear.irreps_in))
         self.irreps_out = o3.Irreps(str(linear.irreps_out))
         self.layout = gate_layout(self.irreps_in, self.irreps_out)
+        self._blocks = list(self.layout.blocks)
         if self.layout.num_scalar_in == 0:
             raise TargetError(
                 f"o3.Linear {self.irreps_in} -> {self.irreps_out} has no 0e input block to "
@@ -477,21 +580,9 @@ class MMEALayer(torch.nn.Module):
     def modulate(
         self, out: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None
     ) -> torch.Tensor:
-        """Multiply ``l > 0`` channels by ``scale`` and add ``shift`` to ``0e`` channels.
-
-        Block by block (a view and a broadcast per irrep block), not by gathering a per-feature
-        multiplier: the gather's backward is a scatter, and this runs in every force call.
-        """
-        parts = []
-        for start, stop, mul, dim, kind, col in self.layout.blocks:
-            block = out[:, start:stop]
-            if kind == "gate" and scale is not None:
-                gates = scale[:, col : col + mul].unsqueeze(-1)
-                block = (block.reshape(-1, mul, dim) * gates).reshape(-1, mul * dim)
-            elif kind == "shift" and shift is not None:
-                block = block + shift[:, col : col + mul]
-            parts.append(block)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        """Multiply ``l > 0`` channels by ``scale`` and add ``shift`` to ``0e`` channels
+        (:func:`modulate` with this linear's blocks)."""
+        return modulate(out, scale, shift, self._blocks)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
         if x.shape[0] != route.num_nodes:
@@ -559,11 +650,12 @@ class MMEALayer(torch.nn.Module):
         return self.modulate(out, scale, shift)
 
 
-def _head(head: torch.nn.Linear | None, rank: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Weight and bias of a gate head, or empty ``[0, rank]``/``[0]`` tensors when it is absent."""
+def _head(head: torch.nn.Linear | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a gate head, or empty ``[0, rank]``/``[0]`` tensors when it is
+    absent (what :func:`gate_terms` takes)."""
     if head is None:
-        return like.new_zeros(0, rank), like.new_zeros(0)
-    return head.weight.detach().clone(), head.bias.detach().clone()
+        return like.new_zeros(0, like.shape[-1]), like.new_zeros(0)
+    return head.weight, head.bias
 
 
 @e3nn_jit.compile_mode("script")
@@ -605,25 +697,22 @@ class FrozenMMEALinear(torch.nn.Module):
         self.phi_exp: bool = gate.phi == "exp"
         self.bounded: bool = gate.logit_bound is not None
         self.logit_bound: float = float(gate.logit_bound) if gate.logit_bound is not None else 1.0
-        self.has_scale: bool = gate.gate is not None
-        self.has_shift: bool = gate.shift is not None
         lay = layer.layout
+        self.blocks: list[tuple[int, int, int, int, int, int]] = list(lay.blocks)
         device = gate.down.weight.device
         scalar_index = [i for a, b in lay.scalar_in for i in range(a, b)]
-        for key, values in (
-            ("scalar_index", scalar_index),
-            ("mult_index", lay.mult_index),
-            ("add_index", lay.add_index),
-        ):
-            self.register_buffer(key, torch.tensor(values, dtype=torch.long, device=device))
+        self.register_buffer(
+            "scalar_index", torch.tensor(scalar_index, dtype=torch.long, device=device)
+        )
         weight = gate.down.weight
-        rank = weight.shape[0]
         tensors = {
             "down_weight": weight.detach().clone(),
             "down_bias": gate.down.bias.detach().clone(),
         }
-        tensors["gate_weight"], tensors["gate_bias"] = _head(gate.gate, rank, weight)
-        tensors["shift_weight"], tensors["shift_bias"] = _head(gate.shift, rank, weight)
+        for key, head in (("gate", gate.gate), ("shift", gate.shift)):
+            head_weight, head_bias = _head(head, weight)
+            tensors[f"{key}_weight"] = head_weight.detach().clone()
+            tensors[f"{key}_bias"] = head_bias.detach().clone()
         self.has_range: bool = gate.calibrated
         self.has_logit_range: bool = gate.logit_low is not None
         self.fade_scale: float = float(gate.fade_scale)
@@ -648,36 +737,29 @@ class FrozenMMEALinear(torch.nn.Module):
         self.weight = self.linear.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The linear's output on ``x`` ``[n, irreps_in.dim]``, modulated by the baked gates."""
+        """The linear's output on ``x`` ``[n, irreps_in.dim]``, modulated by the baked gates
+        (:func:`gate_terms` and :func:`modulate`, as the eager model computes them)."""
         out = self.linear(x)
-        u = torch.nn.functional.linear(
+        z = torch.nn.functional.linear(
             x.index_select(1, self.scalar_index), self.down_weight, self.down_bias
         )
-        weight = torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)
-        if self.has_range:  # as MMEAGate.heads
-            u, excess_squared = range_rule(
-                u,
-                self.range_low,
-                self.range_high,
-                self.range_width,
-                self.range_inv_span,
-                self.range_inv_width,
-            )
-            weight = fade(excess_squared, self.fade_scale).unsqueeze(1)
-        u = torch.nn.functional.silu(u)
-        n = out.shape[0]
-        if self.has_scale:
-            logits = torch.nn.functional.linear(u, self.gate_weight, self.gate_bias)
-            if self.bounded:
-                logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
-            if self.has_logit_range:
-                logits = saturate(logits, self.logit_low, self.logit_high, self.logit_width)
-            logits = logits * weight
-            scale = torch.exp(logits) if self.phi_exp else 1.0 + logits
-            ones = torch.ones(n, 1, dtype=out.dtype, device=out.device)
-            out = out * torch.cat([scale, ones], dim=1).index_select(1, self.mult_index)
-        if self.has_shift:
-            shift = torch.nn.functional.linear(u, self.shift_weight, self.shift_bias) * weight
-            zeros = torch.zeros(n, 1, dtype=out.dtype, device=out.device)
-            out = out + torch.cat([shift, zeros], dim=1).index_select(1, self.add_index)
-        return out
+        ranges: list[torch.Tensor] = []
+        if self.has_range:
+            ranges = [self.range_low, self.range_high, self.range_width, self.range_inv_span,
+                      self.range_inv_width]  # fmt: skip
+        logit_ranges: list[torch.Tensor] = []
+        if self.has_logit_range:
+            logit_ranges = [self.logit_low, self.logit_high, self.logit_width]
+        scale, shift, _ = gate_terms(
+            z,
+            self.gate_weight,
+            self.gate_bias,
+            self.shift_weight,
+            self.shift_bias,
+            ranges,
+            logit_ranges,
+            self.logit_bound if self.bounded else 0.0,
+            self.phi_exp,
+            self.fade_scale,
+        )
+        return modulate(out, scale, shift, self.blocks)

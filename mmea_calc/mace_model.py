@@ -89,6 +89,33 @@ def atomic_energies(model: torch.nn.Module) -> torch.Tensor:
     return model.atomic_energies_fn.atomic_energies
 
 
+def fold_e0_corrections(
+    model: torch.nn.Module, e0s: dict[int, float] | None, head: str | None = None
+) -> None:
+    """Add per-element energy corrections (eV, by atomic number) to ``model``'s reference
+    energies, in ``head``'s row of a multi-head table (``None``: the default head,
+    :func:`resolve_head`). In place: the one way a correction enters a MACE module (a frozen
+    export, a LoRA or full fine-tune); the adapted model adds the same numbers per node.
+
+    Example:
+        >>> from mmea_calc.testing import build_tiny_mace
+        >>> model = build_tiny_mace()
+        >>> before = atomic_energies(model).clone()
+        >>> fold_e0_corrections(model, {6: 0.5})
+        >>> (atomic_energies(model) - before).tolist()
+        [0.0, 0.5, 0.0]
+    """
+    if not e0s:
+        return
+    table = atomic_energies(model)
+    zs = [int(z) for z in model.atomic_numbers]
+    shift = torch.tensor([e0s.get(z, 0.0) for z in zs], dtype=table.dtype, device=table.device)
+    heads = model_heads(model)
+    with torch.no_grad():
+        row = table if table.dim() == 1 else table[heads.index(resolve_head(heads, head))]
+        row.add_(shift)
+
+
 def radial_features(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
     """The base's radial embedding of every edge, ``[n_edges, n_radial]``, from ``data``.
 

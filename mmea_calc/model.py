@@ -48,7 +48,7 @@ from mmea_calc.errors import (
 )
 from mmea_calc.identity import base_info, fingerprints
 from mmea_calc.mace_model import (
-    atomic_energies,
+    fold_e0_corrections,
     model_heads,
     node_energy_module,
     node_wise_linears,
@@ -801,13 +801,7 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
             setattr(parent, child, baked)
         if name in self.paper_parts:
             self.paper_parts[name].merge_into(frozen)
-        if record.e0s:
-            e0 = atomic_energies(frozen)
-            zs = [int(z) for z in frozen.atomic_numbers]
-            shift = torch.tensor([record.e0s.get(z, 0.0) for z in zs], dtype=e0.dtype)
-            with torch.no_grad():
-                row = e0 if e0.dim() == 1 else e0[self.heads.index(record.head)]
-                row.add_(shift.to(e0.device))  # the adapter's head only
+        fold_e0_corrections(frozen, record.e0s, record.head)  # the adapter's head only
         for param in frozen.parameters():
             param.requires_grad_(False)
         return frozen.eval()

@@ -179,24 +179,25 @@ class AdapterFiles:
         low: dict[str, torch.Tensor] = {}
         high: dict[str, torch.Tensor] = {}
 
-        def seen(key: str, module: Any, args: tuple, z: torch.Tensor) -> None:
-            z = z.detach()
-            bound = gates[key[6:]].logit_bound if key.startswith("logit:") else None
-            if bound is not None:  # the logits as the heads use them (bounded)
-                z = bound * torch.tanh(z / bound)
-            if z.shape[0] == 0:
-                return
-            lo, hi = z.amin(dim=0), z.amax(dim=0)
+        def record(key: str, values: torch.Tensor) -> None:
+            lo, hi = values.amin(dim=0), values.amax(dim=0)
             low[key] = torch.minimum(low[key], lo) if key in low else lo
             high[key] = torch.maximum(high[key], hi) if key in high else hi
 
+        def seen(target: str, module: Any, args: tuple, z: torch.Tensor) -> None:
+            if z.shape[0] == 0:
+                return
+            z = z.detach()
+            record(target, z)
+            gate = gates[target]
+            if gate.gate is not None:  # the logits as the heads use them (bounded), unranged
+                logits = gate.gate(torch.nn.functional.silu(z))
+                if gate.logit_bound is not None:
+                    logits = gate.logit_bound * torch.tanh(logits / gate.logit_bound)
+                record("logit:" + target, logits)
+
         handles = [
             g.down.register_forward_hook(functools.partial(seen, t)) for t, g in gates.items()
-        ]
-        handles += [  # the logits
-            g.gate.register_forward_hook(functools.partial(seen, "logit:" + t))
-            for t, g in gates.items()
-            if g.gate is not None
         ]
         index = self.adapter_names.index(name)
         try:

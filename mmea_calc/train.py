@@ -63,7 +63,7 @@ from mmea_calc.files import (
     atomic_write_json,
 )
 from mmea_calc.identity import fingerprints
-from mmea_calc.mace_model import model_heads, resolve_head
+from mmea_calc.mace_model import atomic_energies, fold_e0_corrections, resolve_head
 from mmea_calc.metrics import error_metrics, predict
 from mmea_calc.model import AdaptedModel, MMEAConfig
 from mmea_calc.selection import describe_environment
@@ -303,19 +303,15 @@ class _WholeModelSubject(_Subject):
     def __init__(self, model: torch.nn.Module, method: str, head: str) -> None:
         self.method = method
         super().__init__(model, {k: p for k, p in model.named_parameters() if p.requires_grad})
-        self._base_e0s = model.atomic_energies_fn.atomic_energies.detach().clone()
-        self._head_row = model_heads(model).index(head)
+        self._base_e0s = atomic_energies(model).detach().clone()
+        self._head = head
 
     def set_e0s(self, e0s: dict[int, float] | None) -> None:
         """Fold the correction into ``atomic_energies`` (the trained head's row only)."""
         super().set_e0s(e0s)
-        buffer = self.module.atomic_energies_fn.atomic_energies
-        zs = [int(z) for z in self.module.atomic_numbers]
-        values = [(self.e0s or {}).get(z, 0.0) for z in zs]
-        delta = torch.tensor(values, dtype=buffer.dtype, device=buffer.device)
         with torch.no_grad():
-            buffer.copy_(self._base_e0s)
-            (buffer if buffer.dim() == 1 else buffer[self._head_row]).add_(delta)
+            atomic_energies(self.module).copy_(self._base_e0s)
+        fold_e0_corrections(self.module, self.e0s, self._head)
 
     def result_model(self) -> torch.nn.Module:
         model = self.module

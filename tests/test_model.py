@@ -415,8 +415,13 @@ def test_calibration_records_logit_ranges_that_bound_the_gates_far_outside(tmp_p
     assert all(g.fade_scale == FADE_SCALE for g in gates.values())
     # the recorded logit range holds every logit the training data produced (after the bound)
     seen = {}
+
+    def logits(target, module, args, z):  # the gate head on the bottleneck (in range: as is)
+        gate = with_gates[target]
+        seen.setdefault(target, []).append(gate.gate(torch.nn.functional.silu(z)))
+
     handles = [
-        g.gate.register_forward_hook(lambda m, a, out, t=t: seen.setdefault(t, []).append(out))
+        g.down.register_forward_hook(lambda m, a, z, t=t: logits(t, m, a, z))
         for t, g in with_gates.items()
     ]
     for atoms in train:
