@@ -166,13 +166,34 @@ def _add_export(sub: Any) -> None:
         "export", help="write a LAMMPS model file (pair_style mace or mliap) with one adapter"
     )
     p.add_argument("--base", required=True, help="base MACE model (.model file or base dir)")
-    p.add_argument("--adapter", required=True, help="adapter directory (baked into the file)")
+    p.add_argument(
+        "--adapter", help="adapter directory (baked into the file); without: the bare base"
+    )
     p.add_argument("--out", required=True, help="output file (described in OUT.json)")
+    p.add_argument(
+        "--elements",
+        required=True,
+        nargs="+",
+        metavar="EL",
+        help="the data file's atom types 1..N in order, e.g. --elements H O (pair_coeff maps "
+        "type i to the i-th: LAMMPS does not check the count)",
+    )
     p.add_argument(
         "--format",
         default="lammps",
         choices=["lammps", "mliap"],
         help="lammps: TorchScript for pair_style mace; mliap: pair_style mliap unified",
+    )
+    p.add_argument("--input", metavar="FILE", help="also write the LAMMPS input to FILE")
+    p.add_argument(
+        "--data-file", default="data.lammps", help="the data file the input reads (read_data)"
+    )
+    p.add_argument(
+        "--pair-style",
+        default=None,
+        choices=["mace no_domain_decomposition", "mace"],
+        help="lammps format: 'mace no_domain_decomposition' (default: one MPI rank, fast) or "
+        "'mace' (several MPI ranks: domain decomposition)",
     )
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument(
@@ -549,19 +570,33 @@ def _cmd_calibrate(args: argparse.Namespace, stdout: TextIO) -> int:
 # ---------------------------------------------------------------------------- export
 def _cmd_export(args: argparse.Namespace, stdout: TextIO) -> int:
     from mmea_calc.export import export_lammps, export_mliap, lammps_input_lines, sidecar_path
+    from mmea_calc.files import atomic_write_bytes
     from mmea_calc.model import AdaptedModel
 
+    if args.input:
+        _check_writable(args.input)
     model = AdaptedModel(args.base, dtype=args.dtype)  # the adapter loads in the export dtype
-    name = model.load_adapter(args.adapter)
+    name = model.load_adapter(args.adapter) if args.adapter else None
     export = export_lammps if args.format == "lammps" else export_mliap
-    info = export(model, name, args.out, dtype=args.dtype, head=args.head, overwrite=args.overwrite)
+    info = export(
+        model, name, args.out, elements=args.elements, dtype=args.dtype, head=args.head,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    lines = lammps_input_lines(
+        args.format, args.out, info["elements"], data_file=args.data_file,
+        pair_style=args.pair_style,
+    )  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    if args.input:
+        atomic_write_bytes(args.input, text.encode())
+    what = f"adapter {name!r}" if name else "the bare base (no adapter)"
     print(
-        f"# wrote {args.out} ({args.format}, {info['dtype']}, adapter {name!r}, base "
-        f"{info['base']['fingerprint'][:12]}) and {sidecar_path(args.out)}\n"
-        "# pair_coeff lists elements for LAMMPS atom types 1..N: reorder to your data file",
+        f"# wrote {args.out} ({args.format}, {info['dtype']}, {what}, base "
+        f"{info['base']['fingerprint'][:12]}) and {sidecar_path(args.out)}"
+        + (f"; input in {args.input}" if args.input else ""),
         file=stdout,
     )
-    print("\n".join(lammps_input_lines(args.format, args.out, info["elements"])), file=stdout)
+    print(text, end="", file=stdout)
     return 0
 
 

@@ -35,15 +35,16 @@ import torch
 from mmea_calc._deps import LAMMPS_MACE, LAMMPS_MLIAP_MACE, e3nn_jit, mace
 from mmea_calc._version import __version__
 from mmea_calc.adapter import MMEALayer
-from mmea_calc.errors import ExportError
+from mmea_calc.errors import ConfigError, ExportError
 from mmea_calc.files import atomic_write_bytes, atomic_write_json, sha256_hex
-from mmea_calc.mace_model import LAMMPS_ATTRS, missing_attributes
+from mmea_calc.mace_model import LAMMPS_ATTRS, missing_attributes, resolve_head
 from mmea_calc.model import BASE_NAMES, AdaptedModel
 
 __all__ = [
     "EXPORT_DTYPES",
     "EXPORT_FORMATS",
     "SIDECAR_FORMAT_VERSION",
+    "check_elements_order",
     "check_exportable",
     "export_lammps",
     "export_mliap",
@@ -148,39 +149,99 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def lammps_input_lines(fmt: str, path: str | os.PathLike, elements: list[str]) -> list[str]:
-    """The LAMMPS input lines that load an exported file (elements in the model's order).
+def lammps_input_lines(
+    fmt: str,
+    path: str | os.PathLike,
+    elements: list[str],
+    *,
+    data_file: str = "data.lammps",
+    pair_style: str | None = None,
+) -> list[str]:
+    """A complete LAMMPS input that runs an exported file on a data file (``run 0``).
 
-    ``pair_coeff`` maps LAMMPS atom types 1..N to elements: list them in your data file's type
-    order (any subset of the model's elements). On one MPI rank, ``pair_style mace
-    no_domain_decomposition`` is faster (ghosts folded into periodic shifts).
+    ``elements`` are the data file's atom types 1..N in order: ``pair_coeff`` maps type ``i``
+    to ``elements[i - 1]`` (LAMMPS itself never checks that the count matches). ASE writes data
+    files without masses, so the ``mass`` lines are here. ``pair_style``: ``"mace
+    no_domain_decomposition"`` (default for ``lammps``: one MPI rank, ghosts folded into
+    periodic shifts, much faster for boxes of a few hundred atoms) or ``"mace"`` (several MPI
+    ranks, domain decomposition; ``no_domain_decomposition`` fails there).
 
     Example:
-        >>> print("\\n".join(lammps_input_lines("lammps", "water.pt", ["H", "O"])))
-        units metal
-        atom_modify map yes
-        newton on
-        pair_style mace
-        pair_coeff * * water.pt H O
+        >>> print("\\n".join(lammps_input_lines("lammps", "water.pt", ["H", "O"])[2:]))
+        units           metal
+        atom_style      atomic
+        atom_modify     map yes
+        newton          on
+        read_data       data.lammps
+        mass            1 1.008
+        mass            2 15.999
+        # one MPI rank: 'mace no_domain_decomposition' (fast); several ranks: 'mace'
+        pair_style      mace no_domain_decomposition
+        pair_coeff      * * water.pt H O
+        thermo_style    custom step pe press
+        run             0
     """
-    common = ["units metal", "atom_modify map yes", "newton on"]
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"export format {fmt!r} is not supported; valid: {list(EXPORT_FORMATS)}")
+    masses = [
+        f"mass            {i} {float(ase.data.atomic_masses[ase.data.atomic_numbers[e]]):.6g}"
+        for i, e in enumerate(elements, start=1)
+    ]
     if fmt == "lammps":
-        return [
-            *common,
-            "pair_style mace",
-            f"pair_coeff * * {path} " + " ".join(elements),
+        style = pair_style or "mace no_domain_decomposition"
+        pair = [
+            "# one MPI rank: 'mace no_domain_decomposition' (fast); several ranks: 'mace'",
+            f"pair_style      {style}",
+            f"pair_coeff      * * {path} " + " ".join(elements),
         ]
-    if fmt == "mliap":
-        return [
-            *common,
-            f"pair_style mliap unified {path} 0",
-            "pair_coeff * * " + " ".join(elements),
+    else:
+        pair = [
+            f"pair_style      mliap unified {path} 0",
+            "pair_coeff      * * " + " ".join(elements),
         ]
-    raise ExportError(f"export format {fmt!r} is not supported; valid: {list(EXPORT_FORMATS)}")
+    return [
+        f"# LAMMPS input for {Path(path).name} (mmea-calc export); atom types 1..{len(elements)} "
+        f"= {' '.join(elements)}",
+        f"# the data file must list exactly {len(elements)} atom types, in this order",
+        "units           metal",
+        "atom_style      atomic",
+        "atom_modify     map yes",
+        "newton          on",
+        f"read_data       {data_file}",
+        *masses,
+        *pair,
+        "thermo_style    custom step pe press",
+        "run             0",
+    ]
 
 
-def _adapter_head(model: AdaptedModel, name: str, head: str | None) -> str:
-    """The head to export: the adapter's (it is what the adapter was trained on)."""
+def check_elements_order(model: AdaptedModel, elements: list[str] | None) -> list[str]:
+    """The LAMMPS type order to export: ``elements`` (a data file's types, any subset of the
+    model's elements, each once) or, by default, every element of the model in its order."""
+    known = [ase.data.chemical_symbols[z] for z in model.base_info["atomic_numbers"]]
+    if elements is None:
+        return known
+    elements = [str(e) for e in elements]
+    unknown = [e for e in elements if e not in known]
+    if unknown or not elements:
+        raise ExportError(
+            f"elements {unknown or elements} are not known to the base model; it knows {known} "
+            "(give the data file's atom types in order, e.g. --elements H O)"
+        )
+    repeated = sorted({e for e in elements if elements.count(e) > 1})
+    if repeated:
+        raise ExportError(f"elements {repeated} appear more than once in {elements}")
+    return elements
+
+
+def _adapter_head(model: AdaptedModel, name: str | None, head: str | None) -> str:
+    """The head to export: the adapter's (it is what the adapter was trained on); for the bare
+    base, ``head`` or the base's default head."""
+    if name is None:
+        try:
+            return resolve_head(model.heads, head)
+        except ConfigError as exc:
+            raise ExportError(str(exc)) from None
     own = model.adapter_head(name)
     if head is not None and head != own:
         raise ExportError(
@@ -197,10 +258,10 @@ def _check_request(model: Any, name: str | None, path: str | os.PathLike, overwr
             f"{type(model).__name__}; export a bare MACE model with lammps_module or mace's "
             "create_lammps_model"
         )
-    if name in BASE_NAMES or name not in model.adapter_names:
+    if name not in BASE_NAMES and name not in model.adapter_names:
         raise ExportError(
-            f"adapter name {name!r} cannot be exported: name one adapter to bake in; loaded "
-            f"adapters: {model.adapter_names or 'none'}"
+            f"adapter name {name!r} cannot be exported: name one adapter to bake in (or None "
+            f"for the bare base); loaded adapters: {model.adapter_names or 'none'}"
         )
     path = Path(path)
     if not path.parent.is_dir():
@@ -213,31 +274,37 @@ def _check_request(model: Any, name: str | None, path: str | os.PathLike, overwr
 
 
 def _describe(
-    model: AdaptedModel, name: str, path: Path, fmt: str, dtype: str, head: str | None, data: bytes
+    model: AdaptedModel, name: str | None, path: Path, request: dict[str, Any], data: bytes
 ) -> dict[str, Any]:
     info = model.base_info
-    elements = [ase.data.chemical_symbols[z] for z in info["atomic_numbers"]]
-    config = model.adapter_config(name)
-    e0s = model.adapter_e0s(name)
+    fmt, elements = request["fmt"], request["elements"]
+    adapter: dict[str, Any] = {"adapter": name}
+    if name is not None:
+        config = model.adapter_config(name)
+        e0s = model.adapter_e0s(name)
+        adapter.update(
+            adapter_rank=config.rank,
+            adapter_phi=config.phi,
+            adapter_logit_bound=config.logit_bound,
+            adapter_preset=config.preset,
+            adapter_targets=model.adapter_targets(name),
+            adapter_e0s_folded={str(z): v for z, v in sorted(e0s.items())} if e0s else None,
+        )
     return {
         "format_version": SIDECAR_FORMAT_VERSION,
         "format": fmt,
         "file": path.name,
         "sha256": sha256_hex(data),
-        "adapter": name,
-        "adapter_rank": config.rank,
-        "adapter_phi": config.phi,
-        "adapter_logit_bound": config.logit_bound,
-        "adapter_preset": config.preset,
-        "adapter_targets": model.adapter_targets(name),
-        "adapter_e0s_folded": {str(z): v for z, v in sorted(e0s.items())} if e0s else None,
+        **adapter,
         "base": info,
+        # the LAMMPS atom types 1..N, in order (the data file's), and the model's own elements
         "elements": elements,
+        "model_elements": [ase.data.chemical_symbols[z] for z in info["atomic_numbers"]],
         "atomic_numbers": info["atomic_numbers"],
         "r_max": info["r_max"],
         "num_interactions": info["num_interactions"],
-        "head": head,
-        "dtype": dtype,
+        "head": request["head"],
+        "dtype": request["dtype"],
         "cuequivariance": False,
         "lammps_input": lammps_input_lines(fmt, path.name, elements),
         "mmea_calc_version": __version__,
@@ -248,9 +315,9 @@ def _describe(
 
 
 def _write(
-    model: AdaptedModel, name: str, path: Path, fmt: str, dtype: str, head: str | None, data: bytes
+    model: AdaptedModel, name: str | None, path: Path, request: dict[str, Any], data: bytes
 ) -> dict[str, Any]:
-    description = _describe(model, name, path, fmt, dtype, head, data)
+    description = _describe(model, name, path, request, data)
     # never a sidecar describing another file: the old one goes first, the new one last (a
     # crash in between leaves the new file without a description, not with a wrong one)
     sidecar_path(path).unlink(missing_ok=True)
@@ -259,11 +326,22 @@ def _write(
     return description
 
 
+def _frozen(model: AdaptedModel, name: str | None) -> torch.nn.Module:
+    """The plain MACE module to export: ``name`` baked in, or a frozen copy of the bare base."""
+    if name is not None:
+        return model.freeze(name)
+    bare = copy.deepcopy(model.base_model).eval()
+    for param in bare.parameters():
+        param.requires_grad_(False)
+    return bare
+
+
 def export_lammps(
     model: AdaptedModel,
-    name: str,
+    name: str | None,
     path: str | os.PathLike,
     *,
+    elements: list[str] | None = None,
     dtype: str | torch.dtype = "float64",
     head: str | None = None,
     overwrite: bool = False,
@@ -272,8 +350,12 @@ def export_lammps(
 
     Args:
         model: the adapted model (left untouched).
-        name: the adapter to bake in (one per file).
+        name: the adapter to bake in (one per file); ``None``/``"base"``: the bare base (a
+            control run).
         path: the output file; its description goes to ``FILE.json`` (:func:`sidecar_path`).
+        elements: the LAMMPS atom types 1..N in order (the data file's), any subset of the
+            model's elements; default: every element of the model in its order. They make the
+            ``pair_coeff`` line of the input the sidecar records (:func:`lammps_input_lines`).
         dtype: ``"float64"`` (default, as mace) or ``"float32"`` (faster, ~1e-6 relative).
         head: the head of a multi-head base (default, and the only one accepted: the
             adapter's own head; mace's own export would take the last head).
@@ -283,8 +365,8 @@ def export_lammps(
         The sidecar's content (adapter, base fingerprint, elements, dtype, LAMMPS input lines).
 
     Raises:
-        ExportError: not an AdaptedModel, no/unknown adapter name, bad dtype/head, the file
-            exists (without ``overwrite``) or its folder does not.
+        ExportError: not an AdaptedModel, an unknown adapter name, bad dtype/head/elements,
+            the file exists (without ``overwrite``) or its folder does not.
 
     Example:
         >>> import tempfile
@@ -294,23 +376,42 @@ def export_lammps(
         >>> model.add_adapter("water", MMEAConfig(rank=4))
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     info = export_lammps(model, "water", f"{tmp}/water.pt")
-        >>> info["adapter"], info["elements"], info["lammps_input"][-1]
-        ('water', ['H', 'C', 'O'], 'pair_coeff * * water.pt H C O')
+        >>> info["adapter"], info["elements"], info["lammps_input"][-3]
+        ('water', ['H', 'C', 'O'], 'pair_coeff      * * water.pt H C O')
     """
+    name = None if name in BASE_NAMES else name
     path = _check_request(model, name, path, overwrite)
-    head = _adapter_head(model, name, head)
-    dtype_name, _ = _dtype(dtype)
-    compiled = lammps_module(model.freeze(name), dtype=dtype_name, head=head)
+    request = _request(model, name, "lammps", dtype, head, elements)
+    compiled = lammps_module(_frozen(model, name), dtype=request["dtype"], head=request["head"])
     buffer = io.BytesIO()
     torch.jit.save(compiled, buffer)
-    return _write(model, name, path, "lammps", dtype_name, head, buffer.getvalue())
+    return _write(model, name, path, request, buffer.getvalue())
+
+
+def _request(
+    model: AdaptedModel,
+    name: str | None,
+    fmt: str,
+    dtype: str | torch.dtype,
+    head: str | None,
+    elements: list[str] | None,
+) -> dict[str, Any]:
+    """The checked settings of one export (dtype name, head, LAMMPS type order)."""
+    dtype_name, _ = _dtype(dtype)
+    return {
+        "fmt": fmt,
+        "dtype": dtype_name,
+        "head": _adapter_head(model, name, head),
+        "elements": check_elements_order(model, elements),
+    }
 
 
 def export_mliap(
     model: AdaptedModel,
-    name: str,
+    name: str | None,
     path: str | os.PathLike,
     *,
+    elements: list[str] | None = None,
     dtype: str | torch.dtype = "float64",
     head: str | None = None,
     overwrite: bool = False,
@@ -330,14 +431,15 @@ def export_mliap(
         >>> model.add_adapter("water", MMEAConfig(rank=4))
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     info = export_mliap(model, "water", f"{tmp}/water-mliap.pt")
-        >>> info["format"], info["cuequivariance"], info["lammps_input"][-2]
-        ('mliap', False, 'pair_style mliap unified water-mliap.pt 0')
+        >>> info["format"], info["cuequivariance"], info["lammps_input"][-4]
+        ('mliap', False, 'pair_style      mliap unified water-mliap.pt 0')
     """
+    name = None if name in BASE_NAMES else name
     path = _check_request(model, name, path, overwrite)
-    head = _adapter_head(model, name, head)
-    dtype_name, torch_dtype = _dtype(dtype)
-    frozen = check_exportable(model.freeze(name)).to(device="cpu", dtype=torch_dtype)
-    wrapped = LAMMPS_MLIAP_MACE(frozen, **_head(frozen, head))
+    request = _request(model, name, "mliap", dtype, head, elements)
+    torch_dtype = EXPORT_DTYPES[request["dtype"]]
+    frozen = check_exportable(_frozen(model, name)).to(device="cpu", dtype=torch_dtype)
+    wrapped = LAMMPS_MLIAP_MACE(frozen, **_head(frozen, request["head"]))
     buffer = io.BytesIO()
     torch.save(wrapped, buffer)
-    return _write(model, name, path, "mliap", dtype_name, head, buffer.getvalue())
+    return _write(model, name, path, request, buffer.getvalue())

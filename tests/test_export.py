@@ -309,10 +309,8 @@ def test_adapted_model_is_refused_where_adapters_would_be_lost(model, tmp_path):
     assert all(not isinstance(m, torch.jit.ScriptModule) for m in model.base_model.children())
     assert all(torch.equal(v, state[k]) for k, v in model.base_model.state_dict().items())
     check_exportable(model.freeze("a"))
-    with pytest.raises(ExportError, match=r"adapter name None.*loaded adapters: \['a', 'b'\]"):
-        export_lammps(model, None, tmp_path / "x.pt")
-    with pytest.raises(ExportError, match="'base'"):
-        export_mliap(model, "base", tmp_path / "x.pt")
+    with pytest.raises(ExportError, match=r"adapter name 'zz'.*loaded adapters: \['a', 'b'\]"):
+        export_lammps(model, "zz", tmp_path / "x.pt")
     with pytest.raises(ExportError, match="take an AdaptedModel and an adapter name"):
         export_lammps(model.base_model, "a", tmp_path / "x.pt")
     with pytest.raises(ExportError, match=r"float16.*'float32', 'float64'"):
@@ -332,7 +330,7 @@ def test_export_sidecar_records_what_was_baked_in(model, lammps_file):
     assert info["adapter_e0s_folded"] == {"1": 0.25, "8": -0.4}
     assert info["adapter_targets"] == model.adapter_targets("a")
     assert info["mmea_calc_version"] and info["mace_torch_version"]
-    assert info["lammps_input"][-1] == "pair_coeff * * a.pt H C O"
+    assert "pair_coeff      * * a.pt H C O" in info["lammps_input"]
     import hashlib
 
     assert info["sha256"] == hashlib.sha256(lammps_file.read_bytes()).hexdigest()
@@ -347,9 +345,11 @@ def test_cli_export_writes_file_and_sidecar_and_refuses_overwrite(model, tmp_pat
     out = tmp_path / "b.pt"
     args = ["export", "--base", str(base_path), "--adapter", str(tmp_path / "adapter-b")]
     args += ["--out", str(out), "--format", "lammps", "--dtype", "float64"]
+    args += ["--elements", "H", "C", "O"]
     assert main(args) == 0
     stdout = capsys.readouterr().out
-    assert "pair_style mace\n" in stdout and f"pair_coeff * * {out} H C O" in stdout
+    assert "pair_style      mace no_domain_decomposition\n" in stdout
+    assert f"pair_coeff      * * {out} H C O" in stdout
     assert json.loads(sidecar_path(out).read_text())["adapter"] == "b"
     loaded = torch.jit.load(str(out))
     atoms = molecule()
@@ -362,7 +362,7 @@ def test_cli_export_writes_file_and_sidecar_and_refuses_overwrite(model, tmp_pat
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err and out.stat().st_mtime_ns == stamp
     assert main([*args, "--overwrite", "--format", "mliap"]) == 0
-    assert "pair_style mliap unified" in capsys.readouterr().out
+    assert "pair_style      mliap unified" in capsys.readouterr().out
     assert json.loads(sidecar_path(out).read_text())["format"] == "mliap"
 
 
@@ -445,3 +445,38 @@ def test_sidecar_never_describes_another_file(model, tmp_path, monkeypatch):
         export_lammps(model, "a", path, dtype="float32", overwrite=True)
     assert path.is_file() and not sidecar_path(path).exists()
     assert old["dtype"] == "float64"
+
+
+def test_elements_name_the_data_files_types_and_unknown_ones_are_refused(model, tmp_path):
+    info = export_lammps(model, "a", tmp_path / "ho.pt", elements=["O", "H"])
+    assert info["elements"] == ["O", "H"] and info["model_elements"] == ["H", "C", "O"]
+    assert "pair_coeff      * * ho.pt O H" in info["lammps_input"]
+    assert "mass            1 15.999" in info["lammps_input"]  # type 1 is oxygen here
+    with pytest.raises(ExportError, match=r"elements \['Si'\] are not known.*knows \['H', 'C'"):
+        export_lammps(model, "a", tmp_path / "x.pt", elements=["H", "Si"])
+    with pytest.raises(ExportError, match=r"elements \['H'\] appear more than once"):
+        export_lammps(model, "a", tmp_path / "x.pt", elements=["H", "O", "H"])
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_bare_base_exports_for_a_control_run(model, tmp_path, capsys):
+    out = tmp_path / "bare.pt"
+    base_path = tmp_path / "base.model"
+    torch.save(model.base_model, base_path)
+    template = tmp_path / "in.lammps"
+    args = ["export", "--base", str(base_path), "--out", str(out), "--elements", "H", "O"]
+    assert main([*args, "--input", str(template), "--data-file", "water.data"]) == 0
+    assert "the bare base (no adapter)" in capsys.readouterr().out
+    info = json.loads(sidecar_path(out).read_text())
+    assert info["adapter"] is None and info["elements"] == ["H", "O"]
+    text = template.read_text()
+    assert "read_data       water.data" in text and "atom_modify     map yes" in text
+    assert text.index("read_data") < text.index("mass ") < text.index("pair_style")
+    atoms = molecule()
+    loaded = torch.jit.load(str(out))
+    got = call_lammps(loaded, lammps_inputs(atoms, model.base_info), torch.ones(9, dtype=bool))
+    with model.disable_adapters():
+        want = float(evaluate(model, [atoms])["energy"].detach())
+    np.testing.assert_allclose(got["total_energy_local"][0], want, rtol=0, atol=1e-8)
+    with pytest.raises(SystemExit):  # --elements is required: never a silent type mapping
+        main(["export", "--base", str(base_path), "--out", str(out)])

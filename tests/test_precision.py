@@ -110,7 +110,7 @@ def test_cli_exports_the_embedded_base_in_float32(tmp_path, capsys):
     out = tmp_path / "water32.pt"
     water = next(p for p in embedded_adapter_dirs() if p.name == "water")
     args = ["export", "--adapter", str(water), "--base", "embedded", "--out", str(out)]
-    args += ["--dtype", "float32"]
+    args += ["--dtype", "float32", "--elements", "H", "O"]
     assert main(args) == 0
     sidecar = json.loads(sidecar_path(out).read_text())
     assert sidecar["dtype"] == "float32" and out.is_file()
