@@ -13,20 +13,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ase
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch_ema import ExponentialMovingAverage
 
 from mmea_calc.data import collate, fit_e0_correction, has_stress, reference_values
+from mmea_calc.distributed import Context
 from mmea_calc.errors import DataError
 from mmea_calc.files import CHECKPOINT_NAME, atomic_write_bytes
-from mmea_calc.metrics import error_metrics, loss_fn, predict
+from mmea_calc.metrics import error_metrics, loss_denominators, loss_fn, predict
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class Run:
     hashes: dict[str, str]
     #: fingerprints a checkpoint may record for this base (older, precision-dependent ones too)
     base_fingerprints: frozenset[str] = frozenset()
+    #: this process's rank in a data-parallel run (a world of one by default)
+    ctx: Context = field(default_factory=Context)
 
     @property
     def use_stress(self) -> bool:
@@ -66,8 +70,11 @@ class Run:
         return has_stress(self.train_atoms) or has_stress(self.valid_atoms)
 
     def identity(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed by this run."""
+        """What must match for a checkpoint to be resumed by this run. The batch is the global
+        one (per-rank batch times ranks), so a run resumes under another world size that
+        keeps it."""
         config = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
+        config["batch_size"] = self.config.batch_size * self.ctx.world_size
         return {"config": config, "base": self.base["fingerprint"], "data": self.hashes}
 
 
@@ -197,6 +204,19 @@ def _e0_read(e0s: dict[str, float] | None) -> dict[int, float] | None:
     return {int(z): float(v) for z, v in e0s.items()} if e0s else None
 
 
+def predict_all(
+    ctx: Context, module: torch.nn.Module, graphs: Sequence[Any], **kwargs: Any
+) -> dict[str, np.ndarray]:
+    """:func:`~mmea_calc.metrics.predict` over ``graphs``, split over the ranks of ``ctx``
+    and gathered back in order (every rank gets every prediction)."""
+    if not ctx.distributed:
+        return predict(module, graphs, **kwargs)
+    part = ctx.shard(len(graphs))
+    mine = predict(module, graphs[part], **kwargs) if part.stop > part.start else None
+    pieces = [p for p in ctx.gather(mine) if p is not None]
+    return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+
+
 # ---------------------------------------------------------------------------- the loop
 class Loop:
     """Epochs of training with validation, best-weights tracking and checkpoints."""
@@ -288,7 +308,8 @@ class Loop:
         refitting it every epoch keeps the energy free of such offsets.
         """
         run = self.run
-        pred = predict(
+        pred = predict_all(
+            run.ctx,
             self.subject.module,
             run.train_graphs,
             batch_size=run.config.eval_batch_size,
@@ -303,7 +324,8 @@ class Loop:
 
     def evaluate(self, graphs: Sequence[Any], atoms: Sequence[ase.Atoms]) -> dict[str, float]:
         cfg = self.run.config
-        pred = predict(
+        pred = predict_all(
+            self.run.ctx,
             self.subject.module,
             graphs,
             batch_size=cfg.eval_batch_size,
@@ -312,29 +334,61 @@ class Loop:
         return error_metrics(pred, reference_values(atoms))
 
     def _train_epoch(self, epoch: int) -> float:
-        cfg, run = self.run.config, self.run
+        """One pass over the training set in global batches of ``batch_size * world_size``
+        (one seeded order for every rank; each rank computes its contiguous share of every
+        global batch, normalised by the global batch; gradients summed over the ranks)."""
+        cfg, run, ctx = self.run.config, self.run, self.run.ctx
         device, dtype = _device_dtype(self.subject.module)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(len(run.train_graphs), generator=generator).tolist()
         params = list(self.subject.params.values())
+        step = cfg.batch_size * ctx.world_size
         total, count = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = [run.train_graphs[i] for i in order[start : start + cfg.batch_size]]
-            batch = collate(chunk, dtype=dtype, device=device)
+        for start in range(0, len(order), step):
+            members = order[start : start + step]
+            chunk = [run.train_graphs[i] for i in members[ctx.shard(len(members))]]
             self.optimizer.zero_grad(set_to_none=True)
-            out = self.subject.module(
-                batch, training=True, compute_force=True, compute_stress=run.use_stress
-            )
-            loss = loss_fn(out, batch, cfg, run.use_stress)
-            loss.backward()
+            loss = self._backward(chunk, device, dtype)
+            if ctx.distributed:
+                loss = self._reduce_gradients(params, loss)
             if cfg.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.clip_grad)
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
-            total += float(loss.detach()) * len(chunk)
-            count += len(chunk)
+            total += float(loss) * len(members)
+            count += len(members)
         return total / count
+
+    def _backward(self, chunk: list[Any], device: torch.device, dtype: torch.dtype) -> Any:
+        """Loss of this rank's share of a global batch, back-propagated; returns it."""
+        run, ctx = self.run, self.run.ctx
+        batch = collate(chunk, dtype=dtype, device=device) if chunk else None
+        if batch is not None:
+            denominators = loss_denominators(batch, run.use_stress)
+        else:  # this rank's share of a short last batch is empty
+            denominators = torch.zeros(3, dtype=dtype, device=device)
+        ctx.sum_(denominators)  # the whole global batch's normalisers
+        if batch is None:
+            return torch.zeros((), dtype=dtype, device=device)
+        out = self.subject.module(
+            batch, training=True, compute_force=True, compute_stress=run.use_stress
+        )
+        loss = loss_fn(out, batch, run.config, run.use_stress, denominators)
+        loss.backward()
+        return loss.detach()
+
+    def _reduce_gradients(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Sum the trained tensors' gradients (and the loss) over the ranks, in one
+        all-reduce: what ``DistributedDataParallel`` does, for the trained tensors only."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
+        self.run.ctx.sum_(flat)
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+        return flat[-1]
 
     def _criterion(self, metrics: dict[str, float]) -> float:
         cfg = self.run.config
@@ -371,7 +425,7 @@ class Loop:
             "valid": metrics,
         }
         self.history.append(record)
-        if self.out is not None:
+        if self.out is not None and self.run.ctx.is_main:  # rank 0 alone writes
             write_checkpoint(self.out / CHECKPOINT_NAME, self.run, self.state())
         return record
 
@@ -390,5 +444,5 @@ class Loop:
                 record["valid"]["energy_mae_meV_per_atom"],
                 record["valid"]["forces_mae_meV_per_A"],
             )
-            if self.callback is not None:
+            if self.callback is not None and self.run.ctx.is_main:
                 self.callback(record, self.subject.module)

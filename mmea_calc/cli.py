@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -77,7 +78,13 @@ def _add_finetune(sub: Any) -> None:
     )
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=5)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=5,
+        help="structures per step and per rank: under torchrun with N ranks a step sees N x "
+        "this (as in mace)",
+    )
     p.add_argument("--energy-weight", type=float, default=1.0)
     p.add_argument("--forces-weight", type=float, default=1000.0)
     p.add_argument("--stress-weight", type=float, default=1.0)
@@ -322,10 +329,12 @@ def _cmd_finetune(args: argparse.Namespace, stdout: TextIO) -> int:
             where = f"the best result so far is in {str(out)!r} (continue with --resume)"
         else:
             where = "nothing was written (no epoch had finished)"
-        print(f"mmea-calc: interrupted; {where}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mmea-calc: interrupted; {where}", file=sys.stderr)
         return EXIT_INTERRUPTED
     progress.close()
-    print(_summary_table(result), file=stdout)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(_summary_table(result), file=stdout)
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 
 from mmea_calc.data import collate
 
-__all__ = ["error_metrics", "loss_fn", "predict"]
+__all__ = ["error_metrics", "loss_denominators", "loss_fn", "predict"]
 
 
 def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -50,22 +50,48 @@ def predict(
     return result
 
 
+def loss_denominators(batch: dict[str, torch.Tensor], use_stress: bool) -> torch.Tensor:
+    """The normalisers of :func:`loss_fn`'s terms for ``batch``: summed energy weights,
+    3 x summed per-atom force weights and 9 x summed stress weights (``[3]``). Data-parallel
+    training sums them over the ranks, so every rank normalises by the global batch."""
+    w_e = batch["weight"] * batch["energy_weight"]
+    w_f = (batch["weight"] * batch["forces_weight"])[batch["batch"]]
+    parts = [w_e.sum(), 3 * w_f.sum()]
+    if use_stress:
+        parts.append(9 * (batch["weight"] * batch["stress_weight"]).sum())
+    else:
+        parts.append(w_e.new_zeros(()))
+    return torch.stack(parts)
+
+
 def loss_fn(
-    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: Any, use_stress: bool
+    out: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    config: Any,
+    use_stress: bool,
+    denominators: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted MSE of energy per atom, forces and (when labelled) stress; masked by weights."""
+    """Weighted MSE of energy per atom, forces and (when labelled) stress; masked by weights.
+
+    ``denominators`` (:func:`loss_denominators`, default: this batch's own) normalise the
+    three terms; a rank of a data-parallel run passes the global batch's, so that the ranks'
+    losses add up to the loss of the whole batch.
+    """
+    if denominators is None:
+        denominators = loss_denominators(batch, use_stress)
+    den = denominators.clamp_min(1e-12)
     num_atoms = (batch["ptr"][1:] - batch["ptr"][:-1]).to(out["energy"].dtype)
     w_e = batch["weight"] * batch["energy_weight"]
     err_e = ((out["energy"] - batch["energy"]) / num_atoms) ** 2
-    loss = config.energy_weight * (w_e * err_e).sum() / w_e.sum().clamp_min(1e-12)
+    loss = config.energy_weight * (w_e * err_e).sum() / den[0]
     w_f = (batch["weight"] * batch["forces_weight"])[batch["batch"]]
     err_f = ((out["forces"] - batch["forces"]) ** 2).sum(dim=1)
-    loss = loss + config.forces_weight * (w_f * err_f).sum() / (3 * w_f.sum()).clamp_min(1e-12)
+    loss = loss + config.forces_weight * (w_f * err_f).sum() / den[1]
     if use_stress:
         w_s = batch["weight"] * batch["stress_weight"]
         err_s = ((out["stress"] - batch["stress"]) ** 2).sum(dim=(1, 2))
         err_s = torch.where(w_s > 0, err_s, torch.zeros_like(err_s))  # no cell: NaN stress
-        loss = loss + config.stress_weight * (w_s * err_s).sum() / (9 * w_s.sum()).clamp_min(1e-12)
+        loss = loss + config.stress_weight * (w_s * err_s).sum() / den[2]
     return loss
 
 

@@ -33,7 +33,7 @@ import ase.io
 import numpy as np
 import torch
 
-from mmea_calc import _trainer
+from mmea_calc import _trainer, distributed
 from mmea_calc._deps import lora
 from mmea_calc._version import __version__
 from mmea_calc.base import base_info, load_base, resolve_dtype
@@ -483,6 +483,32 @@ def fit_adapter(
         _check_out_dir(out, resume, overwrite)
     elif resume:
         raise ConfigError("resume needs out_dir (where the checkpoint is)")
+    ctx = distributed.context(config.device)
+    try:
+        if ctx.distributed and config.device is not None:
+            device = torch.device(config.device)
+            if device.type == "cuda" and device.index is None:  # one GPU per rank
+                config = dataclasses.replace(config, device=f"cuda:{ctx.local_rank}")
+        ctx.barrier()  # every rank has checked the output folder before rank 0 writes to it
+        return _fit(ctx, model_or_base, train, valid, config, name, keys, out, resume,
+                    overwrite, callback)  # fmt: skip
+    finally:
+        ctx.close()
+
+
+def _fit(
+    ctx: distributed.Context,
+    model_or_base: Any,
+    train: Any,
+    valid: Any,
+    config: TrainConfig,
+    name: str,
+    keys: DataKeys | None,
+    out: Path | None,
+    resume: bool,
+    overwrite: bool,
+    callback: Callable[[dict[str, Any], torch.nn.Module], None] | None,
+) -> FitResult:
     model = _prepare_model(model_or_base, config, name)
     info = model.base_info if isinstance(model, AdaptedModel) else base_info(model)
     head = resolve_head(info["heads"], config.head)
@@ -501,11 +527,12 @@ def fit_adapter(
         base=info,
         hashes={"train": data_hash(train_atoms), "valid": data_hash(valid_atoms)},
         base_fingerprints=frozenset(fingerprints(_bare(model))),
+        ctx=ctx,
     )
     state = _trainer.read_checkpoint(out, run) if resume else None
     e0s = state.e0s if state is not None else _fit_e0s(model, run)
     subject = _make_subject(model, config, name, e0s, head)
-    if out is not None:
+    if out is not None and ctx.is_main:  # rank 0 alone writes
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             _clear_outputs(out)
@@ -515,6 +542,8 @@ def fit_adapter(
     except KeyboardInterrupt:
         if loop.best_state is None:
             logger.warning("interrupted before the first epoch ended: nothing written")
+        elif ctx.distributed:  # ranks stop at different points: no more collectives
+            logger.warning("interrupted: the last checkpoint holds the run (--resume)")
         else:
             logger.warning("interrupted: writing the best result so far")
             _finish(loop, name, "interrupted")
@@ -530,7 +559,8 @@ def _fit_e0s(model: Any, run: _trainer.Run) -> dict[int, float] | None:
     if not run.config.fit_e0s:
         return None
     base = _bare(model)
-    pred = predict(base, run.train_graphs, batch_size=run.config.eval_batch_size, forces=False)
+    size = run.config.eval_batch_size
+    pred = _trainer.predict_all(run.ctx, base, run.train_graphs, batch_size=size, forces=False)
     ref = reference_values(run.train_atoms)
     e0s = fit_e0_correction(run.train_atoms, ref["energy"] - pred["energy"], run.config.e0_ridge)
     shift = np.mean((ref["energy"] - pred["energy"]) / ref["num_atoms"]) * 1000
@@ -569,7 +599,8 @@ def _finish(loop: _trainer.Loop, name: str, status: str) -> FitResult:
         },
         "config": run.config.to_dict(),
     }
-    if loop.out is not None and (loop.best_state is not None or status != "interrupted"):
+    writes = loop.best_state is not None or status != "interrupted"
+    if loop.out is not None and run.ctx.is_main and writes:  # rank 0 alone writes
         environment = None
         if subject.method == "mmea":
             environment = describe_environment(subject.module, run.train_atoms)
