@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mmea_calc import _trainer, distributed
-from mmea_calc._deps import lora
+from mmea_calc._deps import lora, torch_tools
 from mmea_calc._version import __version__
 from mmea_calc.base import base_info, load_base, resolve_dtype
 from mmea_calc.config import PRESETS
@@ -354,7 +354,10 @@ def _make_subject(
             base = copy.deepcopy(model)
             if config.method == "lora":
                 alpha = 1.0 if config.lora_alpha is None else config.lora_alpha  # mace's default
-                lora.inject_LoRAs(base, rank=config.rank, alpha=alpha)
+                # mace draws LoRA's initial weights in torch's default dtype (then converts):
+                # pin it, so the fit does not depend on what the caller's process set
+                with torch_tools.default_dtype(torch.float32):
+                    lora.inject_LoRAs(base, rank=config.rank, alpha=alpha)
             else:
                 for param in base.parameters():
                     param.requires_grad_(True)

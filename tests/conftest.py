@@ -30,6 +30,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def default_dtype_restored():
+    """Every test leaves torch's process-wide default dtype as it found it (mace's own
+    ``MACECalculator(default_dtype=...)`` sets it for the whole process)."""
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
 @pytest.fixture(params=sorted(MODEL_KINDS))
 def tiny_kind(request):
     """(hidden irreps, residual, scale_shift) of one tiny model kind."""

@@ -382,3 +382,20 @@ def test_float32_md_reports_tolerance_and_nve_drift_of_the_shipped_adapters(tmp_
     nve = results["nve_water"]
     assert nve["float64"]["ms_per_step"] > 0 and nve["float32"]["ms_per_step"] > 0
     assert abs(nve["float32"]["drift_meV_per_atom"] - nve["float64"]["drift_meV_per_atom"]) < 1
+
+
+def test_distributed_benchmark_compares_one_process_with_two_ranks(tmp_path):
+    bench = _load("distributed")
+    out = tmp_path / "dist.json"
+    argv = ["--epochs", "1", "--rank", "2", "--batch-size", "2", "--datasets", "water"]
+    argv += ["--water-structures", "8", "--memory-structures", "20", "--out", str(out)]
+    assert bench.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert shlex.split(results["command"])[2:] == argv
+    water = results["water"]
+    assert water["adapter_max_relative_difference"] < 1e-8  # the same adapter either way
+    for row in ("1 process x 2 threads", "2 ranks x 1 thread"):
+        assert water[row]["seconds_per_epoch_median"] > 0
+        assert water[row]["peak_rss_mb_largest_process"] > 0
+    memory = results["graph_memory_per_rank"]
+    assert memory["structures"] == 20 and memory["edges_total"] > 20 * 24

@@ -138,3 +138,45 @@ def test_shards_cover_every_item_once_in_order():
                 max(len(range(count)[p]) for p in parts) - min(len(range(count)[p]) for p in parts)
                 <= 1
             )
+
+
+DYING = """
+import os, sys
+import torch, torch.distributed as dist
+from mmea_calc import _trainer
+from mmea_calc.train import TrainConfig, fit_adapter
+
+step = _trainer.Loop.step
+
+
+def dying(self):
+    if self.epoch == 2 and dist.get_rank() == 1:
+        os._exit(3)  # rank 1 dies after two epochs
+    return step(self)
+
+
+_trainer.Loop.step = dying
+torch.set_num_threads(1)
+root = sys.argv[1]
+config = TrainConfig(rank=2, epochs=5, batch_size=2, seed=0)
+fit_adapter(f"{root}/base.model", f"{root}/train.xyz", f"{root}/valid.xyz", config, name="d",
+            out_dir=f"{root}/dying")
+"""
+
+
+def test_a_dying_rank_ends_the_run_and_leaves_the_last_checkpoint(two_rank_runs):
+    from safetensors import safe_open
+
+    root = two_rank_runs
+    (root / "dying.py").write_text(textwrap.dedent(DYING))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", str(root / "dying.py"), str(root)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    report = done.stdout + done.stderr
+    assert "exitcode  : 3" in report and "local_rank: 1" in report  # torchrun names the rank
+    with safe_open(str(root / "dying" / "checkpoint.safetensors"), "pt") as handle:
+        meta = json.loads(handle.metadata()["mmea_checkpoint"])
+    assert meta["epoch"] == 2  # the epochs before the failure, intact and resumable
+    assert not (root / "dying" / "adapter_model.safetensors").exists()
