@@ -155,6 +155,14 @@ def test_benchmarks_skip_with_a_message_without_shared_assets(tmp_path, monkeypa
         assert not (tmp_path / f"{name}.json").exists()
 
 
+def test_lammps_speed_skips_with_a_message_without_lammps(tmp_path, monkeypatch, capsys):
+    lammps_speed = _load("lammps_speed")
+    monkeypatch.setenv("MMEA_LAMMPS", str(tmp_path / "absent-lmp"))
+    assert lammps_speed.main(["--out", str(tmp_path / "lammps.json")]) == 0
+    assert "absent-lmp" in capsys.readouterr().err
+    assert not (tmp_path / "lammps.json").exists()
+
+
 def _fake_accuracy(f_mae: dict[str, float]) -> dict:
     params = {"base": 0, "mmea-r8": 6000, "mmea-r16": 12000, "lora-r4": 7800}
     params.update({"lora-r16": 31000, "full": 150800})
