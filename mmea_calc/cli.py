@@ -591,8 +591,10 @@ def _cmd_export(args: argparse.Namespace, stdout: TextIO) -> int:
         model, name, args.out, elements=args.elements, dtype=args.dtype, head=args.head,
         overwrite=args.overwrite,
     )  # fmt: skip
+    # the model path as LAMMPS resolves it: from the folder it runs in, the input file's
+    model_path = os.path.relpath(args.out, Path(args.input).parent) if args.input else args.out
     lines = lammps_input_lines(
-        args.format, args.out, info["elements"], data_file=args.data_file,
+        args.format, model_path, info["elements"], data_file=args.data_file,
         pair_style=args.pair_style,
     )  # fmt: skip
     text = "\n".join(lines) + "\n"

@@ -471,6 +471,7 @@ def test_bare_base_exports_for_a_control_run(model, tmp_path, capsys):
     assert info["adapter"] is None and info["elements"] == ["H", "O"]
     text = template.read_text()
     assert "read_data       water.data" in text and "atom_modify     map yes" in text
+    assert "pair_coeff      * * bare.pt H O" in text  # relative to the input's folder
     assert text.index("read_data") < text.index("mass ") < text.index("pair_style")
     atoms = molecule()
     loaded = torch.jit.load(str(out))

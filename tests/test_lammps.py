@@ -299,7 +299,7 @@ def test_the_printed_template_runs_as_written(tmp_path, files, structures):
     folder = files["template"].parent
     template = files["template"].read_text()
     assert "pair_style      mace no_domain_decomposition" in template
-    assert f"pair_coeff      * * {files['water']} H O" in template
+    assert "pair_coeff      * * water.pt H O" in template  # relative to the input's folder
     atoms = structures["water"]
     write_data(folder / "data.lammps", atoms, ELEMENTS_WATER)
     done = subprocess.run(
