@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -55,23 +54,6 @@ thermo {steps}
 run {warmup}
 run {steps} pre no
 """
-
-
-def find_lammps(given: str | None = None) -> tuple[str | None, str]:
-    """(path to an lmp with pair style mace, or None; why not)."""
-    path = given or os.environ.get("MMEA_LAMMPS") or shutil.which("lmp")
-    if not path:
-        return None, "no LAMMPS: pass --lmp, set MMEA_LAMMPS or put lmp (with ML-MACE) on PATH"
-    try:
-        text = subprocess.run(
-            [path, "-h"], capture_output=True, text=True, timeout=60, env=_env()
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"LAMMPS {path!r} does not run: {exc}"
-    section = re.search(r"\* Pair styles:(.*?)(?:\n\* |\Z)", text, re.S)
-    if section is None or "mace" not in section.group(1).split():
-        return None, f"LAMMPS {path!r} has no pair style mace (lmp -h)"
-    return path, ""
 
 
 def _env() -> dict[str, str]:
@@ -225,6 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--out", type=Path, help="results JSON")
     args = parser.parse_args(argv)
+    from mmea_calc.export import find_lammps
+
     lmp, why = find_lammps(args.lmp)
     if lmp is None:
         print(f"skipped: {why}", file=sys.stderr)

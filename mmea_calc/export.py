@@ -25,6 +25,9 @@ import copy
 import io
 import os
 import platform
+import re
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ __all__ = [
     "check_exportable",
     "export_lammps",
     "export_mliap",
+    "find_lammps",
     "lammps_input_lines",
     "lammps_module",
     "sidecar_path",
@@ -141,6 +145,31 @@ def lammps_module(
         )
         warnings.filterwarnings("ignore", message="The TorchScript type system")
         return e3nn_jit.compile(LAMMPS_MACE(copied, **kwargs))
+
+
+#: The environment variable naming the LAMMPS binary our LAMMPS tests and benchmarks use.
+LAMMPS_ENV = "MMEA_LAMMPS"
+
+
+def find_lammps(path: str | os.PathLike | None = None) -> tuple[str | None, str]:
+    """A LAMMPS binary with ``pair_style mace``: ``path``, else ``$MMEA_LAMMPS``, else ``lmp``
+    on PATH. Returns ``(path, "")``, or ``(None, why not)`` (absent, does not run, or built
+    without ML-MACE: ``lmp -h`` lists no pair style mace)."""
+    found = str(path) if path else os.environ.get(LAMMPS_ENV) or shutil.which("lmp")
+    if not found:
+        return None, (
+            f"no LAMMPS: set {LAMMPS_ENV}=/path/to/lmp or put lmp on PATH (ACEsuit's fork with "
+            "ML-MACE; scripts/build_lammps.sh builds it)"
+        )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([found, "-h"], capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"LAMMPS {found!r} does not run: {exc}"
+    section = re.search(r"\* Pair styles:(.*?)(?:\n\* |\Z)", done.stdout, re.S)
+    if section is None or "mace" not in section.group(1).split():
+        return None, f"LAMMPS {found!r} has no pair style mace (lmp -h): build it with ML-MACE"
+    return found, ""
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:

@@ -21,7 +21,6 @@ by ``lmp`` in subprocesses, in temporary folders, on data files ASE writes:
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from functools import cache
@@ -31,7 +30,8 @@ import ase.io
 import numpy as np
 import pytest
 
-LAMMPS_ENV = "MMEA_LAMMPS"
+from mmea_calc.export import find_lammps
+
 TOL = 1e-8  # eV, eV/Å
 NKTV2P_METAL = 1.6021765e6  # LAMMPS' bar per eV/Å³ (force->nktv2p, units metal)
 ELEMENTS_WATER = ["H", "O"]
@@ -40,32 +40,11 @@ PAIR_STYLES = ["mace", "mace no_domain_decomposition"]
 NVE_STEPS = 40  # 20 fs at 0.5 fs
 
 
-@cache
-def find_lammps() -> tuple[str | None, str]:
-    """(path to an lmp with pair style mace, or None; why not)."""
-    path = os.environ.get(LAMMPS_ENV) or shutil.which("lmp")
-    if not path:
-        return None, (
-            f"no LAMMPS: set {LAMMPS_ENV}=/path/to/lmp or put lmp on PATH (ACEsuit's fork with "
-            "ML-MACE; scripts/build_lammps.sh builds it)"
-        )
-    try:
-        help_text = subprocess.run(
-            [path, "-h"], capture_output=True, text=True, timeout=60, env=_env()
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"LAMMPS {path!r} does not run: {exc}"
-    section = re.search(r"\* Pair styles:(.*?)(?:\n\* |\Z)", help_text, re.S)
-    if section is None or "mace" not in section.group(1).split():
-        return None, f"LAMMPS {path!r} has no pair style mace (lmp -h): build it with ML-MACE"
-    return path, ""
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-LMP, WHY = find_lammps()
+LMP, WHY = find_lammps()  # mmea_calc.export.find_lammps
 pytestmark = pytest.mark.skipif(LMP is None, reason=WHY)
 
 
