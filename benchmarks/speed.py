@@ -42,6 +42,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -210,7 +211,7 @@ def _timed(fn, repeats):
     return times
 
 
-def per_step(mmea, mace, atoms, repeats):
+def per_step(mmea, mace, atoms, repeats, cpu: dict | None = None):
     """Per-step medians (s) of the two calculators on ``atoms``, and the per-pair ratios.
 
     A step is what an MD driver asks after moving the atoms: energy, forces and stress (when
@@ -218,7 +219,9 @@ def per_step(mmea, mace, atoms, repeats):
     positions). Steps alternate between the calculators (who goes first alternates too), so
     each MMEA step has a MACE step next to it; the ratio of each adjacent pair cancels slow
     drifts in machine load, and the median and quartiles of those ratios are reported beside
-    the ratio of medians.
+    the ratio of medians. ``cpu`` (a dict), when given, receives each step's process CPU time
+    under ``"mmea"`` and ``"mace"``: with one thread it is what the step computed, whatever
+    other jobs took of the cores meanwhile.
     """
     rng = np.random.default_rng(0)
     stress = atoms.cell.rank == 3
@@ -227,19 +230,24 @@ def per_step(mmea, mace, atoms, repeats):
         probes[id(calc)] = probe = atoms.copy()
         probe.calc = calc
     ours, theirs = [], []
+    cpu_times: dict[str, list[float]] = {"mmea": [], "mace": []}
     for i in range(repeats + 2):
         delta = rng.normal(scale=0.01, size=atoms.positions.shape)
         pair = [(mmea, ours), (mace, theirs)] if i % 2 == 0 else [(mace, theirs), (mmea, ours)]
         for calc, bucket in pair:
             probe = probes[id(calc)]
             probe.positions = atoms.positions + delta
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             probe.get_potential_energy()
             probe.get_forces()
             if stress:
                 probe.get_stress()
             if i >= 2:  # warm-up
                 bucket.append(time.perf_counter() - start)
+                used = time.process_time() - start_cpu
+                cpu_times["mmea" if calc is mmea else "mace"].append(used)
+    if cpu is not None:
+        cpu.update(cpu_times)
     ratios = np.asarray(ours) / np.asarray(theirs)
     return statistics.median(ours), statistics.median(theirs), ratios
 
@@ -250,9 +258,15 @@ def goal(n_atoms: int) -> float:
 
 
 def step_row(mmea, mace, atoms, repeats, **labels) -> dict:
-    """One per-step row (see :func:`per_step`), printed as it is measured."""
-    ours, theirs, ratios = per_step(mmea, mace, atoms, repeats)
+    """One per-step row (see :func:`per_step`), printed as it is measured: wall-clock times
+    (what the goal is about), process CPU times beside them, and the load average before and
+    after (the machine's other jobs)."""
+    load_before = os.getloadavg()[0]
+    cpu: dict[str, list[float]] = {}
+    ours, theirs, ratios = per_step(mmea, mace, atoms, repeats, cpu=cpu)
     q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
+    cpu_ratios = np.asarray(cpu["mmea"]) / np.asarray(cpu["mace"])
+    c1, c2, c3 = np.percentile(cpu_ratios, [25, 50, 75])
     row = {
         **labels,
         "atoms": len(atoms),
@@ -263,13 +277,23 @@ def step_row(mmea, mace, atoms, repeats, **labels) -> dict:
         "pair_ratio_quartiles": [float(q1), float(q3)],
         "repeats": repeats,
         "goal": goal(len(atoms)),
+        "cpu": {
+            "mmea_ms": 1e3 * statistics.median(cpu["mmea"]),
+            "mace_ms": 1e3 * statistics.median(cpu["mace"]),
+            "ratio": statistics.median(cpu["mmea"]) / statistics.median(cpu["mace"]),
+            "pair_ratio_median": float(c2),
+            "pair_ratio_quartiles": [float(c1), float(c3)],
+        },
+        "load_average": [load_before, os.getloadavg()[0]],
     }
     row["meets_goal"] = bool(row["pair_ratio_median"] <= row["goal"])
     tag = " ".join(str(v) for v in labels.values())
     print(
         f"per step {tag} {len(atoms):5d} atoms: MMEA {1e3 * ours:8.2f} ms, "
         f"MACE {1e3 * theirs:8.2f} ms, ratio {ours / theirs:.3f} "
-        f"(pairs: median {q2:.3f}, quartiles {q1:.3f}-{q3:.3f}; goal {row['goal']})",
+        f"(pairs: median {q2:.3f}, quartiles {q1:.3f}-{q3:.3f}; goal {row['goal']}); "
+        f"CPU time: ratio {row['cpu']['ratio']:.3f}, pairs median {c2:.3f} "
+        f"({c1:.3f}-{c3:.3f}); load {load_before:.1f}-{row['load_average'][1]:.1f}",
         file=sys.stderr,
         flush=True,
     )

@@ -294,6 +294,8 @@ def test_speed_measures_every_part_in_both_dtypes_on_tiny_stand_ins(tmp_path, mo
         assert row["repeats"] == (1 if atoms >= 300 else 2)
         assert row["goal"] == (1.01 if atoms >= 200 else 1.03)
         assert row["meets_goal"] == (row["pair_ratio_median"] <= row["goal"])
+        assert row["cpu"]["mmea_ms"] > 0 and row["cpu"]["pair_ratio_median"] > 0
+        assert len(row["load_average"]) == 2
     foundation = results["foundation"]
     assert foundation["architecture"] == TINY_FOUNDATION
     assert foundation["adapter"]["calibrated_on"] == {"water": 3, "aspirin": 5}
