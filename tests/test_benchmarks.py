@@ -256,6 +256,82 @@ def test_speed_replot_draws_from_results(tmp_path):
     assert png.stat().st_size > 1000
 
 
+#: a tiny stand-in for speed.FOUNDATION (same builder, seconds instead of minutes)
+TINY_FOUNDATION = {
+    "hidden_irreps": "8x0e+8x1o", "max_ell": 2, "num_bessel": 4, "num_polynomial_cutoff": 5,
+    "radial_MLP": [8], "correlation": 2, "num_interactions": 2,
+    "interaction": "RealAgnosticResidualInteractionBlock",
+    "interaction_first": "RealAgnosticInteractionBlock", "MLP_irreps": "4x0e", "r_max": 4.0,
+    "avg_num_neighbors": 6.0, "atomic_numbers": [1, 6, 7, 8],
+}  # fmt: skip
+
+
+def test_speed_measures_every_part_in_both_dtypes_on_tiny_stand_ins(tmp_path, monkeypatch):
+    speed = _load("speed")
+    torch.save(build_tiny_mace(atomic_numbers=(1, 6, 7, 8)), tmp_path / "base.model")
+    data = teacher_data(n=10)
+    folder = tmp_path / "rmd17" / "toy"
+    folder.mkdir(parents=True)
+    for split, frames in (("train", data[:6]), ("valid", data[6:8]), ("test", data[8:])):
+        ase.io.write(folder / f"{split}.xyz", frames)
+    monkeypatch.setattr(speed, "MODEL", tmp_path / "base.model")
+    monkeypatch.setattr(speed, "RMD17", tmp_path / "rmd17")
+    monkeypatch.setattr(speed, "FOUNDATION", TINY_FOUNDATION)
+    out, png = tmp_path / "my results" / "speed.json", tmp_path / "speed.png"  # a space to quote
+    argv = ["--parts", "all", "--dtypes", "float64,float32", "--threads", "1"]
+    argv += ["--repeats", "2", "--big-repeats", "1", "--batch-repeats", "1"]
+    argv += ["--spice-molecules", "2", "100", "--foundation-systems", "aspirin", "3"]
+    argv += ["--molecule", "toy", "--per-atom-molecules", "4", "--export-molecules", "3"]
+    argv += ["--export-repeats", "2", "--export-warmup", "1", "--train-frames", "4"]
+    argv += ["--valid-frames", "2", "--train-epochs", "2", "--out", str(out), "--plot", str(png)]
+    assert speed.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert shlex.split(results["command"]) == ["python", "benchmarks/speed.py", *argv]
+    assert results["setup"]["parts"] == list(speed.PARTS)
+    rows = {(r["model"], r["dtype"], r["system"], r["atoms"]): r for r in results["per_step"]}
+    assert set(rows) == {
+        (model, dtype, system, atoms)
+        for dtype in ("float64", "float32")
+        for model, system, atoms in (
+            ("spice-small", "water", 6), ("spice-small", "water", 300),
+            ("foundation", "aspirin", 8), ("foundation", "water", 9),
+        )
+    }  # fmt: skip
+    for (_, _, _, atoms), row in rows.items():
+        assert row["mmea_ms"] > 0 and row["mace_ms"] > 0 and row["pair_ratio_median"] > 0
+        assert row["repeats"] == (1 if atoms >= 300 else 2)
+        assert row["goal"] == (1.01 if atoms >= 200 else 1.03)
+        assert row["meets_goal"] == (row["pair_ratio_median"] <= row["goal"])
+        assert row["cpu"]["mmea_ms"] > 0 and row["cpu"]["pair_ratio_median"] > 0
+        assert len(row["load_average"]) == 2
+    foundation = results["foundation"]
+    assert foundation["architecture"] == TINY_FOUNDATION
+    assert foundation["adapter"]["calibrated_on"] == {"water": 3, "aspirin": 5}
+    assert foundation["adapter"]["trainable_parameters"] > 0 < foundation["base_parameters"]
+    for dtype in ("float64", "float32"):
+        timing = results["per_atom"][dtype]
+        assert timing["atoms"] == 12 and timing["reference"] == "single"
+        assert set(timing["calculators"]) == {"single", "per-atom", "mace"}
+        weights = timing["mean_adapter_weights"]
+        assert set(weights) == {"water", "organic"} and abs(sum(weights.values()) - 1) < 1e-6
+        (row,) = results["export"][dtype]["per_step"]
+        assert row["atoms"] == 9 and row["adapted_ms"] > 0 and row["repeats"] == 2
+        assert results["export"][dtype]["base"]["dtype"] == dtype
+        fit = results["training"][dtype]
+        assert fit["epochs"] == 2 and len(fit["seconds_per_epoch"]) == 2
+        assert fit["mean_s_per_epoch"] > 0
+    assert (results["training"]["n_train"], results["training"]["n_valid"]) == (4, 2)
+    assert results["forward_backward_99_atoms"]["ratio"] > 0 and results["memory"]
+    assert set(results["seconds"]) == set(speed.PARTS)
+    assert png.stat().st_size > 1000
+    # bad names are refused before any work
+    with pytest.raises(SystemExit):
+        speed.main(["--parts", "spice,gpu", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        speed.main(["--dtypes", "float16", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_robustness_trains_rattles_and_runs_md_on_a_toy(toy_rmd17, tmp_path, monkeypatch):
     robustness = _load("robustness")
     monkeypatch.setattr(robustness, "MODEL", toy_rmd17.MODEL)
