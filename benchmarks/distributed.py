@@ -128,6 +128,7 @@ def _run(args: list[str], env: dict, out: Path) -> dict:
         "wall_seconds": wall,
         "peak_rss_mb_largest_process": int(done.stdout.strip().splitlines()[-1]) / 1024,
         "valid_forces_mae_meV_per_A": training["metrics"]["valid"]["forces_mae_meV_per_A"],
+        "loss_per_epoch": [h["loss"] for h in training["history"]],
     }
 
 
