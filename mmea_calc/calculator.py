@@ -264,13 +264,19 @@ class MMEACalculator(Calculator):
             _check_positive("extrapolation_threshold", ours["extrapolation_threshold"])
         if "routing_sharpness" in ours:
             _check_positive("routing_sharpness", ours["routing_sharpness"])
-        if "head" in ours:  # first: the selection rule is checked against the new head
-            self.head = self.selector.head = resolve_head(self.model.heads, ours["head"])
-            self.selector.reselect()
-        if "select" in ours:
-            self.selector.select = ours["select"]
-        if "on_unknown" in ours:
-            self.selector.on_unknown = ours["on_unknown"]
+        before = (self.head, self.selector.select, self.selector.on_unknown)
+        try:  # all or nothing: a refused value leaves every setting as it was
+            if "head" in ours:  # first: the selection rule is checked against the new head
+                self.head = self.selector.head = resolve_head(self.model.heads, ours["head"])
+                self.selector.reselect()
+            if "select" in ours:
+                self.selector.select = ours["select"]
+            if "on_unknown" in ours:
+                self.selector.on_unknown = ours["on_unknown"]
+        except Exception:
+            self.head = self.selector.head = before[0]
+            self.selector.select, self.selector.on_unknown = before[1], before[2]
+            raise
         for key in ("on_extrapolation", "extrapolation_threshold", "routing_sharpness"):
             if key in ours:
                 value = ours[key]

@@ -577,6 +577,9 @@ def test_todict_and_set_follow_ase_conventions():
         calc.set(selection="a")
     with pytest.raises(ConfigError, match="routing_sharpness must be a number > 0"):
         calc.set(routing_sharpness=0)
+    with pytest.raises(AdapterNotFoundError):  # refused as a whole: select stays 'b'
+        calc.set(select="nope", on_unknown="base")
+    assert calc.todict()["select"] == "b" and calc.todict()["on_unknown"] == "error"
 
 
 def test_batch_errors_name_the_structure_and_keep_the_results():
