@@ -23,6 +23,8 @@ __all__ = [
     "build_mace_variant",
     "build_tiny_mace",
     "evaluate",
+    "mliap_batch",
+    "pair_mace_inputs",
     "random_cluster",
     "random_rotation",
     "randomize_adapter",
@@ -257,6 +259,38 @@ def _build_mace_variant(
                 elif pname.endswith(("source_embedding.weight", "target_embedding.weight")):
                     param.normal_(0.0, 1.0)
     return model.eval()
+
+
+#: The graph-dict keys LAMMPS' ``pair_mace`` hands the model (besides ``unit_shifts``).
+PAIR_MACE_KEYS = ("batch", "cell", "edge_index", "node_attrs", "positions", "ptr", "shifts")
+
+
+def pair_mace_inputs(
+    atoms: ase.Atoms, info: dict[str, Any], dtype: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
+    """The graph dict LAMMPS' ``pair_mace`` builds for an exported ``LAMMPS_MACE`` file
+    (positions, edges, shifts, one-hot, batch, ptr, a ``[3, 3]`` cell), without LAMMPS: call
+    the file as ``module(data, local_mask, True)``."""
+    graph = collate([atoms_to_graph(atoms, info)], dtype=dtype)
+    data = {key: graph[key] for key in PAIR_MACE_KEYS}
+    data["unit_shifts"] = graph["unit_shifts"]
+    data["cell"] = data["cell"].reshape(3, 3)  # pair_mace passes a [3, 3] cell
+    return data
+
+
+def mliap_batch(atoms: ase.Atoms, info: dict[str, Any]) -> dict[str, Any]:
+    """What mace's ``LAMMPS_MLIAP_MACE._prepare_batch`` builds, without a LAMMPS data object:
+    call an exported ML-IAP object as ``loaded.model(batch)`` (float64)."""
+    graph = collate([atoms_to_graph(atoms, info)], dtype=torch.float64)
+    edges, pos = graph["edge_index"], graph["positions"]
+    return {
+        "vectors": pos[edges[1]] - pos[edges[0]] + graph["shifts"],
+        "node_attrs": graph["node_attrs"],
+        "edge_index": edges,
+        "batch": torch.zeros(len(atoms), dtype=torch.long),
+        "lammps_class": None,
+        "natoms": (len(atoms), 0),
+    }
 
 
 def random_cluster(

@@ -23,6 +23,8 @@ from mmea_calc.testing import (
     build_mace_variant,
     build_tiny_mace,
     evaluate,
+    mliap_batch,
+    pair_mace_inputs,
     random_cluster,
     random_rotation,
     randomize_adapter,
@@ -85,7 +87,6 @@ BLOCK_LINEARS = {
 }
 KEYS = ("energy", "forces", "stress")
 #: the keys LAMMPS' pair_mace puts in the dict it hands the model
-LAMMPS_KEYS = ("batch", "cell", "edge_index", "node_attrs", "positions", "ptr", "shifts")
 
 
 @pytest.fixture(params=sorted(VARIANTS))
@@ -298,16 +299,8 @@ def test_freeze_and_mliap_export_equal_the_adapted_model(variant, tmp_path):
     path = tmp_path / "a-mliap.pt"  # ML-IAP object (torch.save, no TorchScript): every variant
     export_mliap(model, "a", path)
     loaded = torch.load(path, weights_only=False)
-    graph = collate([atoms_to_graph(atoms, model.base_info)], dtype=torch.float64)
-    edges, pos = graph["edge_index"], graph["positions"]
-    batch = {  # what LAMMPS_MLIAP_MACE._prepare_batch builds, without a LAMMPS data object
-        "vectors": pos[edges[1]] - pos[edges[0]] + graph["shifts"],
-        "node_attrs": graph["node_attrs"],
-        "edge_index": edges,
-        "batch": torch.zeros(len(atoms), dtype=torch.long),
-        "lammps_class": None,
-        "natoms": (len(atoms), 0),
-    }
+    batch = mliap_batch(atoms, model.base_info)
+    edges = batch["edge_index"]
     energy, node_energy, pair_forces = loaded.model(batch)
     assert abs(float(energy.detach()) - float(want["energy"])) <= 1e-8
     torch.testing.assert_close(node_energy.detach(), want["node_energy"], rtol=0, atol=1e-8)
@@ -328,10 +321,7 @@ def test_torchscript_export_equals_the_adapted_model(variant):
     atoms = box()
     want = outputs(model, atoms)
     compiled = e3nn_jit.compile(LAMMPS_MACE(model.freeze("a")))
-    graph = collate([atoms_to_graph(atoms, model.base_info)], dtype=torch.float64)
-    data = {key: graph[key] for key in LAMMPS_KEYS}
-    data["unit_shifts"] = graph["unit_shifts"]
-    data["cell"] = data["cell"].reshape(3, 3)  # pair_mace passes a [3, 3] cell
+    data = pair_mace_inputs(atoms, model.base_info)
     got = compiled(data, torch.ones(len(atoms), dtype=torch.bool), True)
     assert abs(float(got["total_energy_local"][0].detach()) - float(want["energy"])) <= 1e-8
     torch.testing.assert_close(got["forces"], want["forces"], rtol=0, atol=1e-8)

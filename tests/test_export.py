@@ -16,7 +16,6 @@ from mmea_calc._deps import LAMMPS_MACE, e3nn_jit
 from mmea_calc.adapter import FrozenMMEALinear
 from mmea_calc.calculator import MMEACalculator
 from mmea_calc.cli import main
-from mmea_calc.data import atoms_to_graph, collate
 from mmea_calc.errors import AdapterNotFoundError, ExportError
 from mmea_calc.export import (
     check_exportable,
@@ -26,11 +25,17 @@ from mmea_calc.export import (
     sidecar_path,
 )
 from mmea_calc.mace_model import atomic_energies
-from mmea_calc.testing import build_tiny_mace, evaluate, random_cluster, randomize_adapter
+from mmea_calc.testing import (
+    build_tiny_mace,
+    evaluate,
+    mliap_batch,
+    pair_mace_inputs,
+    random_cluster,
+    randomize_adapter,
+)
 
 E0S = {1: 0.25, 8: -0.4}  # carbon left out: a correction may cover only some elements
 #: the keys LAMMPS' pair_mace puts in the dict it hands the model (nothing else)
-LAMMPS_KEYS = ("batch", "cell", "edge_index", "node_attrs", "positions", "ptr", "shifts")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
 
 
@@ -75,15 +80,6 @@ def reference(model, atoms):
     if atoms.pbc.all():
         ref["virials"] = -voigt_6_to_full_3x3_stress(atoms.get_stress()) * atoms.get_volume()
     return ref
-
-
-def lammps_inputs(atoms, info, dtype=torch.float64):
-    """The graph dict pair_mace builds (positions, edges, shifts, one-hot, batch, ptr, cell)."""
-    graph = collate([atoms_to_graph(atoms, info)], dtype=dtype)
-    data = {key: graph[key] for key in LAMMPS_KEYS}
-    data["unit_shifts"] = graph["unit_shifts"]
-    data["cell"] = data["cell"].reshape(3, 3)  # pair_mace passes a [3, 3] cell
-    return data
 
 
 def call_lammps(module, data, local):
@@ -186,7 +182,7 @@ def test_frozen_model_compiles_with_e3nn_jit(kind):
     compiled = e3nn_jit.compile(LAMMPS_MACE(model.freeze("a")))
     assert isinstance(compiled, torch.jit.ScriptModule)
     atoms = periodic()
-    data = lammps_inputs(atoms, model.base_info)
+    data = pair_mace_inputs(atoms, model.base_info)
     got = call_lammps(compiled, data, torch.ones(len(atoms), dtype=torch.bool))
     ref = reference(model, atoms)
     np.testing.assert_allclose(got["total_energy_local"][0], ref["energy"], rtol=0, atol=1e-8)
@@ -199,7 +195,7 @@ def test_lammps_file_matches_the_calculator(model, lammps_file, periodic_box):
     atoms = periodic() if periodic_box else molecule()
     loaded = torch.jit.load(str(lammps_file))
     local = torch.ones(len(atoms), dtype=torch.bool)
-    got = call_lammps(loaded, lammps_inputs(atoms, model.base_info), local)
+    got = call_lammps(loaded, pair_mace_inputs(atoms, model.base_info), local)
     ref = reference(model, atoms)
     np.testing.assert_allclose(got["total_energy_local"][0], ref["energy"], rtol=0, atol=1e-8)
     np.testing.assert_allclose(got["node_energy"], ref["energies"], rtol=0, atol=1e-8)
@@ -221,7 +217,7 @@ def test_lammps_ghost_atoms_count_only_locals(model, lammps_file):
     cluster, owner = with_ghosts(atoms, reach)
     n_local = len(atoms)
     assert len(cluster) > 4 * n_local  # really padded with ghosts
-    data = lammps_inputs(cluster, model.base_info)
+    data = pair_mace_inputs(cluster, model.base_info)
     data["cell"] = torch.tensor(atoms.cell.array)  # LAMMPS passes its box; no shifts anywhere
     local = torch.arange(len(cluster)) < n_local
     got = call_lammps(torch.jit.load(str(lammps_file)), data, local)
@@ -238,7 +234,7 @@ def test_lammps_mask_sums_local_node_energies(model, lammps_file):
     atoms = periodic(seed=5)
     local = torch.zeros(len(atoms), dtype=torch.bool)
     local[::3] = True
-    data = lammps_inputs(atoms, model.base_info)
+    data = pair_mace_inputs(atoms, model.base_info)
     got = call_lammps(torch.jit.load(str(lammps_file)), data, local)
     ref = reference(model, atoms)
     expected = ref["energies"][local.numpy()].sum()
@@ -255,7 +251,7 @@ def test_float32_export(model, tmp_path):
         torch.float32
     )
     atoms = periodic()
-    data = lammps_inputs(atoms, model.base_info, dtype=torch.float32)
+    data = pair_mace_inputs(atoms, model.base_info, dtype=torch.float32)
     got = call_lammps(loaded, data, torch.ones(len(atoms), dtype=torch.bool))
     ref = reference(model, atoms)
     np.testing.assert_allclose(got["total_energy_local"][0], ref["energy"], rtol=1e-6, atol=1e-4)
@@ -271,17 +267,8 @@ def test_mliap_export_round_trips_with_the_adapted_energy(model, tmp_path):
     loaded = torch.load(path, weights_only=False)
     assert loaded.element_types == ["H", "C", "O"] and loaded.rcutfac == 2.0
     atoms = molecule()
-    graph = collate([atoms_to_graph(atoms, model.base_info)], dtype=torch.float64)
-    edges = graph["edge_index"]
-    pos = graph["positions"]
-    batch = {  # what LAMMPS_MLIAP_MACE._prepare_batch builds, without a LAMMPS data object
-        "vectors": pos[edges[1]] - pos[edges[0]] + graph["shifts"],
-        "node_attrs": graph["node_attrs"],
-        "edge_index": edges,
-        "batch": torch.zeros(len(atoms), dtype=torch.long),
-        "lammps_class": None,
-        "natoms": (len(atoms), 0),
-    }
+    batch = mliap_batch(atoms, model.base_info)
+    edges = batch["edge_index"]
     energy, node_energy, pair_forces = loaded.model(batch)
     ref = reference(model, atoms)
     energy = float(energy.detach())
@@ -353,7 +340,7 @@ def test_cli_export_writes_file_and_sidecar_and_refuses_overwrite(model, tmp_pat
     assert json.loads(sidecar_path(out).read_text())["adapter"] == "b"
     loaded = torch.jit.load(str(out))
     atoms = molecule()
-    got = call_lammps(loaded, lammps_inputs(atoms, model.base_info), torch.ones(9, dtype=bool))
+    got = call_lammps(loaded, pair_mace_inputs(atoms, model.base_info), torch.ones(9, dtype=bool))
     model.set_adapter("b")
     want = float(evaluate(model, [atoms])["energy"].detach())
     model.set_adapter("a")
@@ -475,7 +462,7 @@ def test_bare_base_exports_for_a_control_run(model, tmp_path, capsys):
     assert text.index("read_data") < text.index("mass ") < text.index("pair_style")
     atoms = molecule()
     loaded = torch.jit.load(str(out))
-    got = call_lammps(loaded, lammps_inputs(atoms, model.base_info), torch.ones(9, dtype=bool))
+    got = call_lammps(loaded, pair_mace_inputs(atoms, model.base_info), torch.ones(9, dtype=bool))
     with model.disable_adapters():
         want = float(evaluate(model, [atoms])["energy"].detach())
     np.testing.assert_allclose(got["total_energy_local"][0], want, rtol=0, atol=1e-8)
