@@ -129,31 +129,29 @@ _EXACT_WEIGHTS = ("energy", "forces", "stress", "virials")
 
 
 def _in_float64(graph: Any, config: Any) -> Any:
-    """``graph`` with every floating tensor in float64, the rounded ones rebuilt exactly.
+    """``graph`` with what torch's default dtype rounded rebuilt in float64 (a no-op when the
+    default is float64).
 
     Positions, the periodic cell vectors and the shifts (integer image counts times the cell),
-    the reference values and the weights come again from ``config``'s float64 numbers. The
+    the reference values and any weight float32 cannot hold exactly come again from
+    ``config``'s float64 numbers; the other floats (fields only mace's electrostatic extensions
+    read, ``volume``/``rcell`` among them: inverting the cell again would cost every MD step)
+    stay as built, since :func:`collate` casts every float to the model's dtype. The
     cell rows mace invents along non-periodic directions (a box far larger than the structure)
     are only upcast: nothing crosses them (their image counts are 0), and the stress volume
     they enter cancels in :class:`~mmea_calc.MMEACalculator`'s conversion to ``atoms.cell``.
     """
     f64 = torch.float64
-    for key in graph.keys:  # mace's torch_geometric: a property
-        value = graph[key]
-        if torch.is_tensor(value) and value.is_floating_point() and value.dtype != f64:
-            graph[key] = value.to(f64)
     if torch.get_default_dtype() == f64:
         return graph  # nothing was rounded
     graph.positions = torch.as_tensor(config.positions, dtype=f64)
+    cell = graph.cell.to(f64)
     if config.cell is not None and config.pbc is not None:
         periodic = torch.as_tensor(list(config.pbc), dtype=torch.bool)
-        cell = graph.cell.clone()
         cell[periodic] = torch.as_tensor(np.asarray(config.cell), dtype=f64)[periodic]
-        graph.cell = cell
+    graph.cell = cell
+    graph.unit_shifts = graph.unit_shifts.to(f64)  # whole numbers: exact in any dtype
     graph.shifts = graph.unit_shifts @ graph.cell
-    graph.volume = torch.linalg.det(graph.cell)  # as mace's from_config derives them
-    if torch.abs(graph.volume) > 0:
-        graph.rcell = 2 * torch.pi * torch.linalg.inv(graph.cell.mT)
     for key in _EXACT_LABELS:
         value = config.properties.get(key)
         if value is None:
@@ -163,12 +161,11 @@ def _in_float64(graph: Any, config: Any) -> Any:
             value = voigt_6_to_full_3x3_stress(value)
         if value.size == graph[key].numel():
             graph[key] = torch.as_tensor(value, dtype=f64).reshape(graph[key].shape)
-    for key in _EXACT_WEIGHTS:
-        value = config.property_weights.get(key)
-        if value is not None:
-            graph[f"{key}_weight"] = torch.tensor(float(value), dtype=f64)
-    if config.weight is not None:
-        graph.weight = torch.tensor(float(config.weight), dtype=f64)
+    weights = {f"{key}_weight": config.property_weights.get(key) for key in _EXACT_WEIGHTS}
+    weights["weight"] = config.weight
+    for key, value in weights.items():  # 0 and 1 (the usual ones) are exact in any dtype
+        if value is not None and float(np.float32(value)) != float(value):
+            graph[key] = torch.tensor(float(value), dtype=f64)
     return graph
 
 
