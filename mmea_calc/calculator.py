@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import ase
@@ -16,8 +15,6 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mmea_calc._deps import mace_data
-from mmea_calc.base import EMBEDDED, resolve_dtype
-from mmea_calc.base_format import embedded_adapter_dirs
 from mmea_calc.data import (
     atoms_to_graph,
     check_elements,
@@ -32,15 +29,15 @@ from mmea_calc.errors import (
     NonFiniteResultError,
 )
 from mmea_calc.mace_model import resolve_head
-from mmea_calc.model import ADAPTER_INDEX_KEY, AdaptedModel
+from mmea_calc.model import ADAPTER_INDEX_KEY
 from mmea_calc.routing import DEFAULT_SHARPNESS
 from mmea_calc.selection import PER_ATOM, TAG_KEY, AdapterSelector, Choice, Select
+from mmea_calc.serving import AdapterSpec, served_model
 
 __all__ = ["MMEACalculator"]
 
 logger = logging.getLogger(__name__)
 
-AdapterSpec = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
 #: Keywords of ASE's ``Calculator.__init__`` this calculator passes on.
 _ASE_KEYWORDS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
 #: What changes the per-composition state (element check, adapter choice, routing index).
@@ -68,16 +65,6 @@ def _check_on_extrapolation(value: Any) -> None:
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int | float) or not value > 0:
         raise ConfigError(f"{name} must be a number > 0, got {value!r}")
-
-
-def _adapter_items(adapters: AdapterSpec) -> list[tuple[str | None, Path]]:
-    if isinstance(adapters, str) and adapters == EMBEDDED:
-        return [(None, path) for path in embedded_adapter_dirs()]
-    if isinstance(adapters, str | os.PathLike):
-        return [(None, Path(adapters))]
-    if isinstance(adapters, Mapping):
-        return [(str(name), Path(path)) for name, path in adapters.items()]
-    return [(None, Path(path)) for path in adapters]
 
 
 def _has_cell(atoms: ase.Atoms) -> bool:
@@ -194,17 +181,7 @@ class MMEACalculator(Calculator):
         self.on_extrapolation = on_extrapolation
         self.extrapolation_threshold = float(extrapolation_threshold)
         Calculator.__init__(self, **kwargs)
-        dtype = resolve_dtype(default_dtype)
-        if isinstance(base, AdaptedModel):
-            self.model = base
-            if device is not None or dtype is not None:  # asked for: the caller's model moves
-                self.model = base.to(device=device, dtype=dtype)
-        elif isinstance(base, torch.nn.Module):
-            self.model = AdaptedModel(base, device=device, dtype=dtype)
-        else:
-            self.model = AdaptedModel(base, device=device, dtype=dtype or torch.float64)
-        for name, path in _adapter_items(adapters):
-            self.model.load_adapter(path, name=name, set_active=False)
+        self.model = served_model(base, adapters, device=device, dtype=default_dtype)
         self.head = resolve_head(self.model.heads, head)
         self.selector = AdapterSelector(
             self.model, select=select, on_unknown=on_unknown, head=self.head
