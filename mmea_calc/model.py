@@ -195,6 +195,25 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self._e0_tables: dict[tuple, torch.Tensor] = {}
         self._mixture_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
+    def __getattr__(self, name: str) -> Any:
+        """torch's lookup of submodules, parameters and buffers; a clear refusal where a caller
+        wants an attribute of a MACE module (``r_max``, ``atomic_numbers``, ``interactions``...):
+        mace's own wrappers (``MaceTorchSimModel``, ``MACECalculator``, the cuEquivariance and
+        LAMMPS converters) would run or rebuild the bare base and lose the adapters."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_model")
+            if base is None or name.startswith("__") or not hasattr(base, name):
+                raise
+        raise AttributeError(
+            f"AdaptedModel has no attribute {name!r}: it is not a MACE module, and mace's own "
+            "wrappers (MaceTorchSimModel, MACECalculator, cuEquivariance/LAMMPS converters) "
+            "cannot serve its adapters. Use mmea_calc.torchsim.MMEAModel or MMEACalculator, "
+            "AdaptedModel.freeze(name) for a plain MACE module with one adapter baked in, or "
+            ".base_model for the bare base"
+        )
+
     # ---------------------------------------------------------------- introspection
     @property
     def base_info(self) -> dict[str, Any]:

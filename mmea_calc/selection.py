@@ -232,7 +232,7 @@ class AdapterSelector:
     @select.setter
     def select(self, value: Select) -> None:
         if isinstance(value, str) and value not in ("auto", "base"):
-            self._check_name(value)
+            self.check_name(value)
         elif not (value is None or isinstance(value, str) or callable(value)):
             raise ConfigError(
                 f"select={value!r} is not valid; use 'auto', an adapter name, 'per-atom', "
@@ -246,7 +246,9 @@ class AdapterSelector:
         self._cache.clear()
         self.revision += 1
 
-    def _check_name(self, name: str | None) -> str | None:
+    def check_name(self, name: str | None) -> str | None:
+        """``name`` if this selector may serve it (``None`` for ``None``/``"base"``); a clear
+        error for unknown adapters, another head's, or per-atom routing it cannot do."""
         if name in (None, "base"):
             return None
         if name == PER_ATOM:
@@ -272,13 +274,13 @@ class AdapterSelector:
             self._cache.clear()
         tag = atoms.info.get(TAG_KEY)
         if tag is not None:
-            return self._checked(Choice(self._check_name(str(tag)), "tag"), atoms)
+            return self._checked(Choice(self.check_name(str(tag)), "tag"), atoms)
         if not callable(self._select) and self._select != "auto":
-            return self._checked(Choice(self._check_name(self._select), "explicit"), atoms)
+            return self._checked(Choice(self.check_name(self._select), "explicit"), atoms)
         key = (atoms.numbers.tobytes(), tuple(bool(p) for p in atoms.pbc))
         if key not in self._cache:
             if callable(self._select):
-                choice = Choice(self._check_name(self._select(atoms)), "callable")
+                choice = Choice(self.check_name(self._select(atoms)), "callable")
                 choice = self._checked(choice, atoms)
             else:
                 choice = self._auto(atoms)

@@ -69,3 +69,19 @@ def test_finetune_script_skips_without_data(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0 and "skipping" in done.stderr
+
+
+def test_torchsim_example_runs_a_mixed_batch(tmp_path):
+    """Water boxes and aspirins, each with its adapter, NVT then FIRE (needs torch-sim >= 0.6:
+    Python >= 3.12; .ci/run runs it in its 3.12 environment)."""
+    ts = pytest.importorskip("torch_sim")
+    if not hasattr(ts, "Integrator"):
+        pytest.skip("torch-sim-atomistic >= 0.6 not installed")
+    out = _run([sys.executable, "examples/torchsim_md.py", "--water-boxes", "1", "--water", "8",
+                "--molecules", "1", "--steps", "10", "--relax-steps", "3",
+                "--traj", str(tmp_path)])  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert [row[2] for row in rows] == ["water", "aspirin"] * 3  # start, after NVT, after FIRE
+    with ts.TorchSimTrajectory(tmp_path / "system_1.h5", mode="r") as trajectory:
+        assert trajectory.get_array("positions").shape == (2, 21, 3)  # steps 0 and 10
+        assert trajectory.get_array("adapter_extrapolation").shape == (2, 1)
