@@ -483,3 +483,19 @@ def test_distributed_benchmark_compares_one_process_with_two_ranks(tmp_path):
         assert water[row]["peak_rss_mb_largest_process"] > 0
     memory = results["graph_memory_per_rank"]
     assert memory["structures"] == 20 and memory["edges_total"] > 20 * 24
+
+
+def test_torchsim_speed_times_every_engine_on_the_same_systems():
+    """benchmarks/torchsim_speed.py on 2 systems, 1 round (needs torch-sim >= 0.6: .ci/run's
+    Python 3.12 stage runs it)."""
+    ts = pytest.importorskip("torch_sim")
+    if not hasattr(ts, "Integrator"):
+        pytest.skip("torch-sim-atomistic >= 0.6 not installed")
+    bench = _load("torchsim_speed")
+    row = bench.time_size(2, "float64", rounds=2, warmup=0)
+    assert row["n_atoms"] == 24 + 21
+    assert set(row["seconds_per_step"]) == {"ase", "mmea", "mmea_base", "mace"}
+    assert all(t > 0 for times in row["times"].values() for t in times)
+    assert row["ase_over_mmea"]["median"] > 0
+    added = bench.memory("mace", 2, "float64")
+    assert added["peak_kb"] >= added["loaded_kb"]

@@ -10,6 +10,7 @@ import importlib
 import math
 import sys
 
+import ase.build
 import ase.io
 import numpy as np
 import pytest
@@ -224,6 +225,9 @@ def test_float32_matches_calculator_in_float32():
         assert np.abs(forces - ref["forces"]).max() < 1e-4
     with pytest.raises(ConfigError, match=r"build states with dtype=model\.dtype"):
         model(ts.io.atoms_to_state(systems, dtype=torch.float64))
+    final = ts.integrate(system=systems[:2], model=model, integrator=ts.Integrator.nvt_langevin,
+                         n_steps=3, temperature=300.0, timestep=0.0005)  # fmt: skip
+    assert final.positions.dtype == torch.float32 and torch.isfinite(final.positions).all()
 
 
 @needs_torchsim
@@ -317,6 +321,23 @@ def test_follows_torchsim_interface_and_model_changes():
     assert model(state)["energy"].item() == pytest.approx(first + 0.5, abs=1e-12)
     with pytest.raises(UnsupportedElementError, match="not known to the base"):
         model(ts.io.atoms_to_state([ase.build.molecule("H2O")], dtype=torch.float64))
+
+
+@needs_torchsim
+def test_heads_of_a_multi_head_base():
+    """Each head serves as MMEACalculator(head=...) does; a name or list from another head is
+    refused."""
+    adapted = AdaptedModel(build_tiny_mace(heads=["dft", "xtb"]))
+    adapted.add_adapter("x", MMEAConfig(rank=2), head="xtb")
+    randomize_adapter(adapted, "x", std=0.05)
+    atoms = ase.build.molecule("CH3OH")
+    atoms.cell, atoms.pbc = [9.0, 9.0, 9.0], True
+    for head, select in (("dft", None), ("xtb", None), ("xtb", "x")):
+        reference = _reference(MMEACalculator(adapted, select=select, head=head), [atoms])
+        model = MMEAModel(adapted, select=select, head=head)
+        _compare(model(ts.io.atoms_to_state([atoms], dtype=torch.float64)), [atoms], reference)
+    with pytest.raises(ConfigError, match="head"):
+        MMEAModel(adapted, select=["x"], head="dft")
 
 
 @needs_torchsim
