@@ -495,6 +495,16 @@ class MMEAGate(torch.nn.Module):
             return []
         return [self.logit_low, self.logit_high, self.logit_width]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the gate's output depends on: its parameters and recorded ranges."""
+        out = [self.down.weight, self.down.bias]
+        for head in (self.gate, self.shift):
+            if head is not None:
+                out += [head.weight, head.bias]
+        ranges = (self.range_low, self.range_high, self.range_width, self._inv_span,
+                  self._inv_width, self.logit_low, self.logit_high, self.logit_width)  # fmt: skip
+        return tuple(out) + tuple(t for t in ranges if t is not None)
+
     def forward(self, scalars: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-node multipliers for ``l > 0`` channels and additive terms for ``0e`` channels."""
         return self.heads(self.bottleneck(scalars))
@@ -584,6 +594,19 @@ class MMEALayer(torch.nn.Module):
         (:func:`modulate` with this linear's blocks)."""
         return modulate(out, scale, shift, self._blocks)
 
+    def single(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        name: str,
+        excess_sink: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``out`` modulated by adapter ``name``'s gates on every row of ``x`` (the nodes'
+        squared distances outside its ranges go to ``excess_sink``, see
+        :meth:`MMEAGate.heads`)."""
+        gate = self.gates[name]
+        return self.modulate(out, *gate.heads(gate.bottleneck(self.scalars(x)), excess_sink))
+
     def forward(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
         if x.shape[0] != route.num_nodes:
             raise RuntimeError(
@@ -595,11 +618,10 @@ class MMEALayer(torch.nn.Module):
         slots = [(name, idx) for name, idx in route.slots if name in self.gates]
         if not slots:
             return out
-        scalars = self.scalars(x)
         if len(slots) == 1 and slots[0][1] is None:  # every node, one adapter
-            gate = self.gates[slots[0][0]]
-            return self.modulate(out, *gate.heads(gate.bottleneck(scalars), route.extrapolation))
+            return self.single(x, out, slots[0][0], route.extrapolation)
         lay = self.layout
+        scalars = self.scalars(x)
         scale = torch.ones(x.shape[0], lay.num_gates, dtype=out.dtype, device=out.device)
         shift = torch.zeros(x.shape[0], lay.num_shifts, dtype=out.dtype, device=out.device)
         for name, idx in slots:
