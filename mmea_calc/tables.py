@@ -9,12 +9,11 @@ node, instead of running the gate MLP on every node at every MD step.
 
 Which linears qualify is found per call by tensor identity, not by module name (no knowledge of
 mace's forward here): a linear whose input *is* the call's ``node_attrs`` (checked to be
-one-hot, once per call), or *is* the output this call's tables gave another linear (and was not
-edited in place since). Anything else takes the eager path, and so does every call whose result
-must carry gradients: in training (the gates' parameters require grad) and wherever the
-linear's input or output requires grad. Forces need gradients with respect to positions only,
-which these linears do not see. Hooks on a gate's layers (calibration records every node's
-bottleneck through them) also force the eager path.
+one-hot, once per call), or *is* the output this call's tables gave another linear. Anything else
+takes the eager path, and so does every call whose result must carry gradients: in training (the
+gates' parameters require grad) and wherever the linear's input or output requires grad. Forces
+need gradients with respect to positions only, which these linears do not see. Hooks on a gate's
+layers (calibration records every node's bottleneck through them) also force the eager path.
 
 A cached table is reused only while everything it was computed from is the same: the same
 tensor objects (the linear's weight, every parameter and recorded range of the gate, the source
@@ -99,8 +98,7 @@ class CallTables:
         self._element: torch.Tensor | None = None  # per node, once node_attrs is checked
         self._one_hot: bool | None = None
         self._eye: torch.Tensor | None = None
-        # id(output): (output, its version when served, table)
-        self._served: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._served: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(output): table
 
     def _elements(self) -> torch.Tensor | None:
         """Each node's element (column of ``node_attrs``), or ``None`` unless one-hot."""
@@ -134,9 +132,9 @@ class CallTables:
             source = None
         else:
             served = self._served.get(id(x))
-            if served is None or served[0] is not x or served[1] != x._version:
-                return None  # not a table's output, or edited in place since
-            source = served[2]
+            if served is None or served[0] is not x:
+                return None
+            source = served[1]
         if self.name not in layer.gates:
             return None
         gate = layer.gates[self.name]
@@ -154,7 +152,7 @@ class CallTables:
         result = entry.out.index_select(0, element)
         if excess_sink is not None and entry.excess is not None:
             excess_sink.append(entry.excess.index_select(0, element))
-        self._served[id(result)] = (result, result._version, entry.out)
+        self._served[id(result)] = (result, entry.out)
         return result
 
     def _entry(
