@@ -66,7 +66,6 @@ from mmea_calc.routing import (
     mixture_weights,
     neighbourhood_descriptor,
 )
-from mmea_calc.tables import CallTables, TableEntry
 
 __all__ = ["ADAPTER_INDEX_KEY", "PER_ATOM_KEY", "SHARPNESS_KEY", "AdaptedModel", "MMEAConfig"]
 
@@ -98,19 +97,7 @@ def _layer_key(target: str) -> str:
     return target.replace(".", "-")
 
 
-def _hook(
-    layer: MMEALayer,
-    route: Route,
-    tables: CallTables | None,
-    target: str,
-    module: Any,
-    args: tuple,
-    output: Any,
-) -> Any:
-    if tables is not None:
-        served = tables.serve(target, layer, module, args[0], output, route.extrapolation)
-        if served is not None:
-            return served
+def _hook(layer: MMEALayer, route: Route, module: Any, args: tuple, output: Any) -> Any:
     return layer(args[0], output, route)
 
 
@@ -207,11 +194,6 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self._fingerprints: set[str] | None = None
         self._e0_tables: dict[tuple, torch.Tensor] = {}
         self._mixture_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
-        #: serve gated linears that see only the element from per-element tables, computed
-        #: once (:mod:`mmea_calc.tables`; inference only, equal to float rounding); ``False``:
-        #: every call runs every gate on every node
-        self.element_tables = True
-        self._element_tables: dict[Any, TableEntry] = {}
         # (node index, its version, (revision, num_nodes), route): see _route
         self._route_cache: tuple | None = None
 
@@ -310,7 +292,6 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self._revision += 1
         self._e0_tables.clear()
         self._mixture_tables.clear()
-        self._element_tables.clear()
         self._route_cache = None
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> AdaptedModel:
@@ -734,17 +715,6 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
             return table[self.adapter_names.index(name) + 1].index_select(0, element)
         return table[data[ADAPTER_INDEX_KEY] + 1, element]
 
-    def _call_tables(self, data: Mapping[str, Any], route: Route) -> CallTables | None:
-        """Per-element tables for this call (:mod:`mmea_calc.tables`): one adapter on every
-        node, and the graph's one-hot ``node_attrs``."""
-        if not self.element_tables or route.mixture is not None or len(route.slots) != 1:
-            return None
-        name, index = route.slots[0]
-        attrs = data.get("node_attrs")
-        if index is not None or not isinstance(attrs, torch.Tensor):
-            return None
-        return CallTables(attrs, name, self._element_tables)
-
     def forward(self, data: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, Any]:
         # The per-call hooks (and the paper preset's swapped tensors) live on the shared base
         # for the duration of the call: calls on one base, from any model, take turns.
@@ -774,10 +744,9 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
                     substitutions = paper[0].substitutions(self.base_model)
                 else:  # re-evaluate the touched modules per adapter on its own nodes/edges
                     handles += mixed_hooks(self.base_model, paper, *_slot_rows(data, route))
-            tables = self._call_tables(data, route)
             for target in targets:
                 layer = self.mmea_layers[_layer_key(target)]
-                hook = functools.partial(_hook, layer, route, tables, target)
+                hook = functools.partial(_hook, layer, route)
                 handles.append(self._linears[target].register_forward_hook(hook))
             if route.mixture is not None:
                 energy_hook = self._mixture_energy_hook(data, route)

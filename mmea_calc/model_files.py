@@ -200,8 +200,6 @@ class AdapterFiles:
             g.down.register_forward_hook(functools.partial(seen, t)) for t, g in gates.items()
         ]
         index = self.adapter_names.index(name)
-        # every node must pass through the bottlenecks (no per-element tables)
-        tables, self.element_tables = self.element_tables, False
         try:
             for batch in batches:
                 batch = dict(batch)
@@ -215,7 +213,6 @@ class AdapterFiles:
             self.set_gate_ranges(name, previous["gate_ranges"], margin_before, fade_before)
             raise
         finally:
-            self.element_tables = tables
             for handle in handles:
                 handle.remove()
         # float slack: the same structure alone (another summation order in mace's message
