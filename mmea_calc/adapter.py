@@ -494,16 +494,6 @@ class MMEAGate(torch.nn.Module):
             return []
         return [self.logit_low, self.logit_high, self.logit_width]
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every tensor the gate's output depends on: its parameters and recorded ranges."""
-        out = [self.down.weight, self.down.bias]
-        for head in (self.gate, self.shift):
-            if head is not None:
-                out += [head.weight, head.bias]
-        ranges = (self.range_low, self.range_high, self.range_width, self._inv_span,
-                  self._inv_width, self.logit_low, self.logit_high, self.logit_width)  # fmt: skip
-        return tuple(out) + tuple(t for t in ranges if t is not None)
-
     def forward(self, scalars: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-node multipliers for ``l > 0`` channels and additive terms for ``0e`` channels."""
         return self.heads(self.bottleneck(scalars))
