@@ -229,16 +229,16 @@ def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tenso
 
 def gate_terms(
     z: torch.Tensor,
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor,
-    shift_weight: torch.Tensor,
-    shift_bias: torch.Tensor,
+    gate_weight: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    shift_weight: torch.Tensor | None,
+    shift_bias: torch.Tensor | None,
     ranges: list[torch.Tensor],
     logit_ranges: list[torch.Tensor],
     logit_bound: float,
     phi_exp: bool,
     fade_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """THE gate formula: multipliers and additive terms from the bottleneck pre-activation.
 
     Every path computes its gates here: :class:`MMEAGate` (one adapter, mixed batches,
@@ -247,9 +247,9 @@ def gate_terms(
 
     Args:
         z: ``W_down h[0e] + b_down``, ``[n, rank]``.
-        gate_weight, gate_bias: the gate head (``[n_gates, rank]``, ``[n_gates]``; 0 rows
-            when the output has no ``l > 0`` block); shift_weight, shift_bias: the additive
-            head, alike for ``0e`` outputs.
+        gate_weight, gate_bias: the gate head (``[n_gates, rank]``, ``[n_gates]``; ``None``
+            or 0 rows when the output has no ``l > 0`` block); shift_weight, shift_bias: the
+            additive head, alike for ``0e`` outputs.
         ranges: ``[]`` (uncalibrated) or the bottleneck's ``[low, high, saturation width,
             1/span, 1/saturation width]`` (:meth:`MMEAGate.set_range`).
         logit_ranges: ``[]`` or the bounded logits' ``[low, high, saturation width]``.
@@ -258,32 +258,34 @@ def gate_terms(
         fade_scale: see :func:`fade`.
 
     Returns:
-        ``(scale [n, n_gates], shift [n, n_shifts], excess_squared [n])``; ``excess_squared``
-        (the squared distance outside the bottleneck range, :func:`range_rule`) is empty when
-        uncalibrated. Inside the ranges this is the plain MMEA gate; outside, ``z`` and the
-        logits saturate and the update (logits and shifts) fades with the distance.
+        ``(scale [n, n_gates], shift [n, n_shifts], excess_squared [n])``; ``scale``/``shift``
+        are ``None`` without their head, and ``excess_squared`` (the squared distance outside
+        the bottleneck range, :func:`range_rule`) is empty when uncalibrated. Inside the
+        ranges this is the plain MMEA gate; outside, ``z`` and the logits saturate and the
+        update (logits and shifts) fades with the distance. Nothing is allocated that is not
+        returned (this runs for every gated linear at every step).
     """
-    weight = z.new_ones(0)
-    excess_squared = z.new_zeros(0)
-    calibrated = len(ranges) == 5
-    if calibrated:
+    weight: torch.Tensor | None = None
+    if len(ranges) == 5:
         z, excess_squared = range_rule(z, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4])
         weight = fade(excess_squared, fade_scale).unsqueeze(1)
+    else:
+        excess_squared = z.new_zeros(0)
     u = torch.nn.functional.silu(z)
-    scale = z.new_zeros(z.shape[0], 0)
-    if gate_weight.shape[0] > 0:
+    scale: torch.Tensor | None = None
+    if gate_weight is not None and gate_weight.shape[0] > 0:
         logits = torch.nn.functional.linear(u, gate_weight, gate_bias)
         if logit_bound > 0:
             logits = logit_bound * torch.tanh(logits / logit_bound)
         if len(logit_ranges) == 3:  # the (bounded) logits' training range
             logits = saturate(logits, logit_ranges[0], logit_ranges[1], logit_ranges[2])
-        if calibrated:
+        if weight is not None:
             logits = logits * weight
         scale = torch.exp(logits) if phi_exp else 1.0 + logits
-    shift = z.new_zeros(z.shape[0], 0)
-    if shift_weight.shape[0] > 0:
+    shift: torch.Tensor | None = None
+    if shift_weight is not None and shift_weight.shape[0] > 0:
         shift = torch.nn.functional.linear(u, shift_weight, shift_bias)
-        if calibrated:
+        if weight is not None:
             shift = shift * weight
     return scale, shift, excess_squared
 
@@ -462,14 +464,13 @@ class MMEAGate(torch.nn.Module):
         adapter is exactly what was trained; far outside, the bare base. The nodes' squared
         distances (detached) are appended to ``excess_sink`` when given.
         """
-        gate_w, gate_b = _head(self.gate, z)
-        shift_w, shift_b = _head(self.shift, z)
+        gate, shift_head = self.gate, self.shift
         scale, shift, excess_squared = gate_terms(
             z,
-            gate_w,
-            gate_b,
-            shift_w,
-            shift_b,
+            None if gate is None else gate.weight,
+            None if gate is None else gate.bias,
+            None if shift_head is None else shift_head.weight,
+            None if shift_head is None else shift_head.bias,
             self.range_tensors(),
             self.logit_range_tensors(),
             self.logit_bound if self.logit_bound is not None else 0.0,
@@ -478,9 +479,7 @@ class MMEAGate(torch.nn.Module):
         )
         if excess_sink is not None and excess_squared.numel():
             excess_sink.append(excess_squared.detach())
-        return (scale if self.gate is not None else None), (
-            shift if self.shift is not None else None
-        )
+        return scale, shift
 
     def range_tensors(self) -> list[torch.Tensor]:
         """The bottleneck's range as :func:`gate_terms` takes it (``[]``: uncalibrated)."""
@@ -584,6 +583,19 @@ class MMEALayer(torch.nn.Module):
         (:func:`modulate` with this linear's blocks)."""
         return modulate(out, scale, shift, self._blocks)
 
+    def single(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        name: str,
+        excess_sink: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``out`` modulated by adapter ``name``'s gates on every row of ``x`` (the nodes'
+        squared distances outside its ranges go to ``excess_sink``, see
+        :meth:`MMEAGate.heads`)."""
+        gate = self.gates[name]
+        return self.modulate(out, *gate.heads(gate.bottleneck(self.scalars(x)), excess_sink))
+
     def forward(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
         if x.shape[0] != route.num_nodes:
             raise RuntimeError(
@@ -595,11 +607,10 @@ class MMEALayer(torch.nn.Module):
         slots = [(name, idx) for name, idx in route.slots if name in self.gates]
         if not slots:
             return out
-        scalars = self.scalars(x)
         if len(slots) == 1 and slots[0][1] is None:  # every node, one adapter
-            gate = self.gates[slots[0][0]]
-            return self.modulate(out, *gate.heads(gate.bottleneck(scalars), route.extrapolation))
+            return self.single(x, out, slots[0][0], route.extrapolation)
         lay = self.layout
+        scalars = self.scalars(x)
         scale = torch.ones(x.shape[0], lay.num_gates, dtype=out.dtype, device=out.device)
         shift = torch.zeros(x.shape[0], lay.num_shifts, dtype=out.dtype, device=out.device)
         for name, idx in slots:

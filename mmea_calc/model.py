@@ -194,6 +194,8 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self._fingerprints: set[str] | None = None
         self._e0_tables: dict[tuple, torch.Tensor] = {}
         self._mixture_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        # (node index, its version, (revision, num_nodes), route): see _route
+        self._route_cache: tuple | None = None
 
     def __getattr__(self, name: str) -> Any:
         """torch's lookup of submodules, parameters and buffers; a clear refusal where a caller
@@ -309,6 +311,7 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         self._revision += 1
         self._e0_tables.clear()
         self._mixture_tables.clear()
+        self._route_cache = None
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> AdaptedModel:
         """``.to()``/``.float()``/``.double()``...: convert, then forget what was computed from
@@ -662,8 +665,23 @@ class AdaptedModel(AdapterFiles, torch.nn.Module):
         node_index = data.get(ADAPTER_INDEX_KEY)
         if node_index is None:
             return None if self._active is None else Route(num_nodes, ((self._active, None),))
+        cached = self._route_cache
+        if (
+            cached is not None
+            and cached[0] is node_index
+            and cached[1] == node_index._version
+            and cached[2] == (self._revision, num_nodes)
+        ):
+            return cached[3]
+        route = self._index_route(node_index, num_nodes)
+        self._route_cache = (node_index, node_index._version, (self._revision, num_nodes), route)
+        return route
+
+    def _index_route(self, node_index: torch.Tensor, num_nodes: int) -> Route | None:
+        """The route of per-node adapter indices (cached by :meth:`_route` for the same
+        tensor: a calculator hands the same one at every step of a trajectory)."""
         names = self.adapter_names
-        present = torch.unique(node_index).tolist()  # one small host sync per call
+        present = torch.unique(node_index).tolist()  # one small host sync per new index
         if present and (present[0] < -1 or present[-1] >= len(names)):
             raise AdapterNotFoundError(
                 f"{ADAPTER_INDEX_KEY} holds indices {present}; valid are -1 (base) and 0.."

@@ -8,7 +8,9 @@ import torch
 
 from mmea_calc import AdaptedModel, MMEAConfig
 from mmea_calc._deps import o3
+from mmea_calc.data import atoms_to_graph, collate
 from mmea_calc.errors import AdapterExistsError, AdapterNotFoundError, TargetError
+from mmea_calc.routing import ADAPTER_INDEX_KEY
 from mmea_calc.testing import (
     build_tiny_mace,
     evaluate,
@@ -451,3 +453,34 @@ def test_calibration_records_logit_ranges_that_bound_the_gates_far_outside(tmp_p
     legacy = AdaptedModel(build_tiny_mace())
     legacy.load_adapter(tmp_path / "a")
     assert all(g.fade_scale == 1.0 for g in legacy._gates("a").values())
+
+
+def test_the_route_is_cached_per_index_tensor_and_follows_its_changes():
+    model = AdaptedModel(build_tiny_mace())
+    for i, name in enumerate(("a", "b")):
+        model.add_adapter(name, MMEAConfig(rank=4))
+        randomize_adapter(model, name, std=0.3, seed=i)
+    atoms = periodic_box()
+    data = collate([atoms_to_graph(atoms, model.base_info)], dtype=model.dtype)
+    ref = {}
+    for name in ("a", "b"):
+        model.route(data, [name])
+        ref[name] = model(dict(data))["energy"].item()
+    with model.disable_adapters():
+        ref[None] = model(dict(data))["energy"].item()
+    assert len({round(v, 9) for v in ref.values()}) == 3
+    index = torch.zeros(len(atoms), dtype=torch.long)
+    data[ADAPTER_INDEX_KEY] = index
+    assert model(dict(data))["energy"].item() == ref["a"]
+    route = model._route(data)
+    assert model._route(data) is route  # the same tensor: no new route
+    index.fill_(1)  # edited in place
+    assert model(dict(data))["energy"].item() == ref["b"]
+    index.fill_(-1)
+    assert model(dict(data))["energy"].item() == ref[None]
+    index.fill_(1)
+    model.delete_adapter("a")  # index 1 now names nothing: the revision changed
+    with pytest.raises(AdapterNotFoundError, match="valid are -1"):
+        model(dict(data))
+    index.fill_(0)  # "b" is adapter 0 now
+    assert model(dict(data))["energy"].item() == ref["b"]
