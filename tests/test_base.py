@@ -73,13 +73,12 @@ def test_a_module_is_frozen_in_place_and_never_moved():
 
 
 def test_importing_any_module_prints_nothing_on_stdout():
+    import importlib.util
     import pkgutil
     import subprocess
     import sys
 
     import mmea_calc
-
-    import importlib.util
 
     names = [m.name for m in pkgutil.iter_modules(mmea_calc.__path__, "mmea_calc.")]
     assert "mmea_calc.data" in names and "mmea_calc.testing" in names
