@@ -175,6 +175,16 @@ class MMEAModel(ModelInterface):
         self._element_index = lookup.to(self._device)
         self._prepared: _Prepared | None = None
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> MMEAModel:
+        """``.to()``/``.float()``/``.double()``: convert the model (the wrapped AdaptedModel is
+        converted in place), then follow its device and dtype (TorchSim builds its states from
+        :attr:`device` and :attr:`dtype`) and forget per-composition tensors."""
+        module = super()._apply(fn, *args, **kwargs)
+        self._device, self._dtype = self.model.device, self.model.dtype
+        self._element_index = self._element_index.to(self._device)
+        self._prepared = None
+        return module
+
     # ---------------------------------------------------------------- introspection
     @property
     def adapter_names(self) -> list[str]:

@@ -225,6 +225,12 @@ def test_float32_matches_calculator_in_float32():
         assert np.abs(forces - ref["forces"]).max() < 1e-4
     with pytest.raises(ConfigError, match=r"build states with dtype=model\.dtype"):
         model(ts.io.atoms_to_state(systems, dtype=torch.float64))
+    model.double()  # .to()/.double() follow: dtype, device and per-composition tensors
+    assert model.dtype == torch.float64
+    out64 = model(ts.io.atoms_to_state(systems, dtype=torch.float64))
+    assert out64["energy"].dtype == torch.float64
+    assert abs(out64["energy"][0].item() - reference[0]["energy"]) < 2e-3 * len(systems[0]) ** 0.5
+    model.float()
     final = ts.integrate(system=systems[:2], model=model, integrator=ts.Integrator.nvt_langevin,
                          n_steps=3, temperature=300.0, timestep=0.0005)  # fmt: skip
     assert final.positions.dtype == torch.float32 and torch.isfinite(final.positions).all()
