@@ -162,6 +162,53 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def md_run(n_systems: int, dtype: str, steps: int) -> dict:
+    """Whole MD runs: ``ts.integrate`` NVE of the batch (MMEAModel, auto) against ASE's
+    VelocityVerlet over each system in turn (MMEACalculator, auto), ``steps`` steps of 0.5 fs
+    from rest, after one warm-up step of each; both compute stress (TorchSim's model always
+    does; the calculator computes it whenever the cell allows)."""
+    import torch_sim as ts
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from mmea_calc import MMEACalculator
+    from mmea_calc.serving import served_model
+    from mmea_calc.torchsim import MMEAModel
+
+    systems = _systems(n_systems)
+    n_atoms = sum(len(a) for a in systems)
+    adapted = served_model("embedded", "embedded", dtype=dtype)
+    model = MMEAModel(adapted, select="auto")
+    calc = MMEACalculator(adapted, select="auto")
+
+    def torchsim(n: int) -> float:
+        state = ts.io.atoms_to_state(systems, dtype=model.dtype)
+        start = time.perf_counter()
+        ts.integrate(system=state, model=model, integrator=ts.Integrator.nve, n_steps=n,
+                     temperature=0.0, timestep=0.0005)  # fmt: skip
+        return time.perf_counter() - start
+
+    def ase_loop(n: int) -> float:
+        start = time.perf_counter()
+        for atoms in systems:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            VelocityVerlet(atoms, timestep=0.5 * units.fs).run(n)
+        return time.perf_counter() - start
+
+    torchsim(1), ase_loop(1)
+    seconds = {"torchsim": torchsim(steps), "ase": ase_loop(steps)}
+    return {
+        "n_systems": n_systems,
+        "n_atoms": n_atoms,
+        "dtype": dtype,
+        "steps": steps,
+        "seconds": seconds,
+        "atom_steps_per_second": {k: n_atoms * steps / v for k, v in seconds.items()},
+        "ase_over_torchsim": seconds["ase"] / seconds["torchsim"],
+    }
+
+
 def memory_worker(engine: str, n_systems: int, dtype: str) -> None:
     """In its own process: the peak resident memory (MB) two steps of one engine add over the
     loaded models and systems (Linux: the peak is reset through /proc/self/clear_refs after
@@ -194,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,32,128", help="systems per batch")
     parser.add_argument("--dtypes", default="float64,float32")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="0: no per-step timing")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-worker", nargs=3, metavar=("ENGINE", "N", "DTYPE"))
+    parser.add_argument(
+        "--md-steps", type=int, default=0, help="also time whole NVE runs of this many steps"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     import torch
@@ -227,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
         "runs": [],
+        "md_runs": [],
     }
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes.split(",") if args.rounds > 0 else ():
         for n in (int(s) for s in args.sizes.split(",")):
             row = time_size(n, dtype, args.rounds, args.warmup)
             if not args.no_memory:
@@ -241,6 +292,16 @@ def main(argv: list[str] | None = None) -> int:
                 + f"  ase/mmea {row['ase_over_mmea']['median']:.2f}"
                 f"  mmea_base/mace {row['mmea_base_over_mace']['median']:.3f}"
                 f"  mmea/mace {row['mmea_over_mace']['median']:.3f}",
+                flush=True,
+            )
+    for dtype in args.dtypes.split(",") if args.md_steps else ():
+        for n in (int(s) for s in args.sizes.split(",")):
+            row = md_run(n, dtype, args.md_steps)
+            results["md_runs"].append(row)
+            print(
+                f"MD {dtype} {n:4d} systems, {args.md_steps} NVE steps: ts.integrate "
+                f"{row['seconds']['torchsim']:.1f} s, ASE loop {row['seconds']['ase']:.1f} s, "
+                f"ase/torchsim {row['ase_over_torchsim']:.2f}",
                 flush=True,
             )
     results["machine"]["load_after"] = os.getloadavg()

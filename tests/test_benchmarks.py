@@ -499,3 +499,6 @@ def test_torchsim_speed_times_every_engine_on_the_same_systems():
     assert row["ase_over_mmea"]["median"] > 0
     added = bench.memory("mace", 2, "float64")
     assert added["peak_kb"] >= added["loaded_kb"]
+    md = bench.md_run(2, "float64", steps=2)
+    assert md["n_atoms"] == 45 and set(md["seconds"]) == {"torchsim", "ase"}
+    assert md["ase_over_torchsim"] > 0
