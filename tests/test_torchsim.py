@@ -354,7 +354,7 @@ def test_non_finite_results_are_refused(adapted):
     model = MMEAModel(adapted, select="auto", compute_stress=False)
     with pytest.raises(NonFiniteResultError, match=r"systems \[1\] \(adapters \['aspirin'\]\)"):
         model(ts.io.atoms_to_state(systems, dtype=model.dtype))
-    # with stress, mace's one displacement per call spreads the NaN to the other systems'
+    # with stress, the NaN also reaches the other systems' forces (mace's stress path;
     # forces too (MMEACalculator.calculate_batch sees the same): every bad system is named
     model = MMEAModel(adapted, select="auto")
     with pytest.raises(NonFiniteResultError, match=r"systems \[0, 1\]"):
