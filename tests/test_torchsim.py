@@ -355,7 +355,7 @@ def test_non_finite_results_are_refused(adapted):
     with pytest.raises(NonFiniteResultError, match=r"systems \[1\] \(adapters \['aspirin'\]\)"):
         model(ts.io.atoms_to_state(systems, dtype=model.dtype))
     # with stress, the NaN also reaches the other systems' forces (mace's stress path;
-    # forces too (MMEACalculator.calculate_batch sees the same): every bad system is named
+    # MMEACalculator.calculate_batch sees the same): every bad system is named
     model = MMEAModel(adapted, select="auto")
     with pytest.raises(NonFiniteResultError, match=r"systems \[0, 1\]"):
         model(ts.io.atoms_to_state(systems, dtype=model.dtype))
