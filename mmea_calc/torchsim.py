@@ -219,7 +219,7 @@ class MMEAModel(ModelInterface):
             if checked == PER_ATOM:
                 raise ConfigError("per-atom routing is chosen for a whole model (select=...)")
             index.append(BASE_INDEX if checked is None else self.adapter_names.index(checked))
-        state._system_extras[TAG_EXTRA] = torch.tensor(index, dtype=torch.long, device=state.device)
+        state.system_extras[TAG_EXTRA] = torch.tensor(index, dtype=torch.long, device=state.device)
         return state
 
     def _checked_name(self, name: str | None) -> str | None:
@@ -229,7 +229,7 @@ class MMEAModel(ModelInterface):
 
     # ---------------------------------------------------------------- per composition
     def _tags(self, state: Any) -> torch.Tensor | None:
-        return state._system_extras.get(TAG_EXTRA) if state.has_extras(TAG_EXTRA) else None
+        return state.system_extras.get(TAG_EXTRA)
 
     def _prepare(self, state: Any) -> _Prepared:
         tags = self._tags(state)
@@ -310,18 +310,17 @@ class MMEAModel(ModelInterface):
             candidates = self.selector.candidates()
             graded = any(self.model.is_calibrated(n) for n in candidates)
             index = [PER_ATOM_INDEX] * n_systems
-            node_index = None
             graded_list = [graded] * n_systems
         else:
             index = [BASE_INDEX if c.name is None else names.index(c.name) for c in choices]
-            node_index = torch.tensor(index, dtype=torch.long, device=self._device)
-            node_index = node_index.repeat_interleave(counts)
             graded_list = [c.name is not None and self.model.is_calibrated(c.name) for c in choices]
         nan = math.nan
         distance = [nan if c.distance is None else float(c.distance) for c in choices]
         head = torch.full(
             (n_systems,), self.model.heads.index(self.head), dtype=torch.long, device=self._device
         )
+        adapter_index = torch.tensor(index, dtype=torch.long, device=self._device)
+        node_index = None if all(per_atom) else adapter_index.repeat_interleave(counts)
         return _Prepared(
             key=tuple(None if t is None else t.clone() for t in key),
             revisions=revisions,
@@ -330,7 +329,7 @@ class MMEAModel(ModelInterface):
             head=head,
             choices=choices,
             node_index=node_index,
-            adapter_index=torch.tensor(index, dtype=torch.long, device=self._device),
+            adapter_index=adapter_index,
             graded=torch.tensor(graded_list, dtype=torch.bool, device=self._device),
             distance=torch.tensor(distance, dtype=self._dtype, device=self._device),
         )

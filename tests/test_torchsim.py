@@ -188,7 +188,7 @@ def test_tags_travel_with_their_systems(adapted):
     assert np.abs(out["forces"][start:].numpy() - reference[0]["forces"]).max() < F_TOL
     with pytest.raises(ConfigError, match="one adapter name per system"):
         model.tag(state, ["water"])
-    state._system_extras[TAG_EXTRA] = torch.tensor([0, 1, 7, -1])
+    state.system_extras[TAG_EXTRA] = torch.tensor([0, 1, 7, -1])
     with pytest.raises(ConfigError, match=r"system 2.*holds 7"):
         model(state)
 
