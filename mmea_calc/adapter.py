@@ -198,33 +198,42 @@ def range_rule(
     low: torch.Tensor,
     high: torch.Tensor,
     width: torch.Tensor,
-    inv_span: torch.Tensor,
     inv_width: torch.Tensor,
+    fade_coef: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z`` ``[n, r]`` saturated as :func:`saturate` does, and each node's squared distance
-    outside ``[low, high]`` in units of the range's span (``inv_span`` = 1 / span), ``[n]``.
+    """``z`` ``[n, r]`` saturated as :func:`saturate` does, and the logarithm of each node's
+    fade weight (:func:`fade_coefficients`), ``[n, 1]``: ``-excess² / scale²``, with
+    ``excess²`` the squared distance outside ``[low, high]`` in spans.
 
-    One clamp serves both; the squared distance (no square root, whose gradient at 0 would be
-    infinite) feeds :func:`fade` and the extrapolation grade. Shared by :class:`MMEAGate` and
-    :class:`FrozenMMEALinear`, so the exported model computes exactly the same rule.
+    ``fade_coef`` (``[r, 1]``) is ``-1 / (span² scale²)`` per channel
+    (:func:`fade_coefficients`), so one matrix product sums the channels' squared distances
+    (no square root, whose gradient at 0 would be infinite). One clamp serves both. Shared by
+    :class:`MMEAGate` and :class:`FrozenMMEALinear` through :func:`gate_terms`, so the exported
+    model computes exactly the same rule.
     """
     inside = torch.clamp(z, low, high)
     delta = z - inside
-    excess = delta * inv_span
-    return inside + width * torch.tanh(delta * inv_width), (excess * excess).sum(dim=1)
+    saturated = torch.addcmul(inside, width, torch.tanh(delta * inv_width))
+    return saturated, torch.mm(delta * delta, fade_coef)
 
 
-def fade(excess_squared: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tensor:
-    """The weight of an adapter's update at a node whose squared distance outside the training
-    range is ``excess_squared`` (in spans): ``exp(-excess² / scale²)``, 1 inside,
+def fade_coefficients(inv_span: torch.Tensor, scale: float = FADE_SCALE) -> torch.Tensor:
+    """``-1 / (span² scale²)`` per bottleneck channel as a ``[r, 1]`` column: what
+    :func:`range_rule` multiplies the channels' squared distances outside the range with.
+
+    The *fade*: an adapter's update at a node whose squared distance outside the training
+    range is ``excess²`` (in spans) is weighted by ``exp(-excess² / scale²)``: 1 inside,
     smooth, -> 0 far outside.
 
     Example:
-        >>> excess = torch.tensor([0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
-        >>> fade(excess**2, scale=1.0).round(decimals=3).tolist()
+        >>> low, high = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        >>> z = torch.tensor([[1.0], [1.5], [2.0], [4.0]], dtype=torch.float64)
+        >>> coef = fade_coefficients(1 / (high - low), scale=1.0)
+        >>> _, log_weight = range_rule(z, low, high, 0.1 * (high - low), 10 / (high - low), coef)
+        >>> log_weight.exp().squeeze(1).round(decimals=3).tolist()
         [1.0, 0.779, 0.368, 0.0]
     """
-    return torch.exp(excess_squared * (-1.0 / (scale * scale)))
+    return (inv_span * inv_span * (-1.0 / (scale * scale))).unsqueeze(1)
 
 
 def gate_terms(
@@ -237,8 +246,7 @@ def gate_terms(
     logit_ranges: list[torch.Tensor],
     logit_bound: float,
     phi_exp: bool,
-    fade_scale: float,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """THE gate formula: multipliers and additive terms from the bottleneck pre-activation.
 
     Every path computes its gates here: :class:`MMEAGate` (one adapter, mixed batches,
@@ -251,26 +259,27 @@ def gate_terms(
             or 0 rows when the output has no ``l > 0`` block); shift_weight, shift_bias: the
             additive head, alike for ``0e`` outputs.
         ranges: ``[]`` (uncalibrated) or the bottleneck's ``[low, high, saturation width,
-            1/span, 1/saturation width]`` (:meth:`MMEAGate.set_range`).
+            1/saturation width, fade coefficients]`` (:meth:`MMEAGate.range_tensors`).
         logit_ranges: ``[]`` or the bounded logits' ``[low, high, saturation width]``.
         logit_bound: ``c`` of the soft bound ``c tanh(g / c)``; ``<= 0``: unbounded.
         phi_exp: ``exp`` (else ``1 + x``).
-        fade_scale: see :func:`fade`.
 
     Returns:
-        ``(scale [n, n_gates], shift [n, n_shifts], excess_squared [n])``; ``scale``/``shift``
-        are ``None`` without their head, and ``excess_squared`` (the squared distance outside
-        the bottleneck range, :func:`range_rule`) is empty when uncalibrated. Inside the
-        ranges this is the plain MMEA gate; outside, ``z`` and the logits saturate and the
-        update (logits and shifts) fades with the distance. Nothing is allocated that is not
-        returned (this runs for every gated linear at every step).
+        ``(scale [n, n_gates], shift [n, n_shifts], weight [n, 1], log_weight [n, 1])``: the
+        additive term is ``shift * weight`` (:func:`modulate` fuses the product into the
+        addition), ``weight`` is the fade (:func:`fade_coefficients`) and ``log_weight`` its
+        logarithm (:func:`range_rule`), both ``None`` when uncalibrated; ``scale``/``shift``
+        are ``None`` without their head. Inside the ranges this is the plain MMEA gate;
+        outside, ``z`` and the logits saturate and the update (logits and shifts) fades with
+        the distance.
+        Nothing is allocated that is not needed (this runs for every gated linear at every
+        step).
     """
     weight: torch.Tensor | None = None
+    log_weight: torch.Tensor | None = None
     if len(ranges) == 5:
-        z, excess_squared = range_rule(z, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4])
-        weight = fade(excess_squared, fade_scale).unsqueeze(1)
-    else:
-        excess_squared = z.new_zeros(0)
+        z, log_weight = range_rule(z, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4])
+        weight = torch.exp(log_weight)
     u = torch.nn.functional.silu(z)
     scale: torch.Tensor | None = None
     if gate_weight is not None and gate_weight.shape[0] > 0:
@@ -285,36 +294,53 @@ def gate_terms(
     shift: torch.Tensor | None = None
     if shift_weight is not None and shift_weight.shape[0] > 0:
         shift = torch.nn.functional.linear(u, shift_weight, shift_bias)
-        if weight is not None:
-            shift = shift * weight
-    return scale, shift, excess_squared
+    return scale, shift, weight, log_weight
 
 
 def modulate(
     out: torch.Tensor,
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
     blocks: list[tuple[int, int, int, int, int, int]],
 ) -> torch.Tensor:
-    """Multiply ``l > 0`` channels of ``out`` by ``scale`` and add ``shift`` to ``0e`` channels
-    (``None``: leave them), block by block (:attr:`GateLayout.blocks`).
+    """Multiply ``l > 0`` channels of ``out`` by ``scale`` and add ``shift * weight`` (``shift``
+    when ``weight`` is ``None``) to ``0e`` channels (``None``: leave them), block by block
+    (:attr:`GateLayout.blocks`).
 
-    A view and a broadcast per irrep block, not a gather of a per-feature multiplier: the
-    gather's backward is a scatter, and this runs in every force call. Shared by every path,
-    like :func:`gate_terms`.
+    A view and a broadcast per irrep block, not a gather of a per-feature multiplier (the
+    gather's backward is a scatter); one ``split`` and one ``cat`` for several blocks, nothing
+    for one. Shared by every path, like :func:`gate_terms`.
     """
-    parts: list[torch.Tensor] = []
-    for start, stop, mul, dim, kind, col in blocks:
-        block = out[:, start:stop]
-        if kind == 1 and scale is not None:  # BLOCK_GATE (TorchScript reads no globals)
-            gates = scale[:, col : col + mul].unsqueeze(-1)
-            block = (block.reshape(-1, mul, dim) * gates).reshape(-1, mul * dim)
-        elif kind == 2 and shift is not None:  # BLOCK_SHIFT
-            block = block + shift[:, col : col + mul]
-        parts.append(block)
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat(parts, dim=1)
+    if len(blocks) == 1:
+        return _modulated_block(out, blocks[0], scale, shift, weight)
+    sizes = [stop - start for start, stop, _, _, _, _ in blocks]
+    parts = out.split(sizes, dim=1)
+    return torch.cat(
+        [_modulated_block(parts[i], blocks[i], scale, shift, weight) for i in range(len(sizes))],
+        dim=1,
+    )
+
+
+def _modulated_block(
+    block: torch.Tensor,
+    spec: tuple[int, int, int, int, int, int],
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+) -> torch.Tensor:
+    _, _, mul, dim, kind, col = spec
+    if kind == 1 and scale is not None:  # BLOCK_GATE (TorchScript reads no globals)
+        if col != 0 or scale.shape[1] != mul:
+            scale = scale[:, col : col + mul]
+        return (block.reshape(-1, mul, dim) * scale.unsqueeze(-1)).reshape(-1, mul * dim)
+    if kind == 2 and shift is not None:  # BLOCK_SHIFT
+        if col != 0 or shift.shape[1] != mul:
+            shift = shift[:, col : col + mul]
+        if weight is None:
+            return block + shift
+        return torch.addcmul(block, shift, weight)
+    return block
 
 
 class MMEAGate(torch.nn.Module):
@@ -352,7 +378,7 @@ class MMEAGate(torch.nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.phi = phi
         self.logit_bound = logit_bound
-        #: spans outside the range at which the update has faded to 1/e (:func:`fade`)
+        #: spans outside the range at which the update has faded to 1/e (:func:`fade_coefficients`)
         self.fade_scale = FADE_SCALE
         # init_weights=False: no random draw at all (tensors about to be loaded start at zero)
         linear = torch.nn.Linear if init_weights else functools.partial(skip_init, torch.nn.Linear)
@@ -361,7 +387,8 @@ class MMEAGate(torch.nn.Module):
         self.shift = linear(rank, num_shifts, **kw) if num_shifts else None
         # the bottleneck's training range (set_range): buffers, so they follow .to(); stored in
         # the adapter's config, not among its tensors
-        for key in ("range_low", "range_high", "range_width", "_inv_span", "_inv_width"):
+        keys = ("range_low", "range_high", "range_width", "_inv_span", "_inv_width", "_fade_coef")
+        for key in keys:
             self.register_buffer(key, None, persistent=False)
         # the gate logits' training range (set_range(logits=...)): [low, high, saturation width]
         for key in ("logit_low", "logit_high", "logit_width"):
@@ -383,6 +410,28 @@ class MMEAGate(torch.nn.Module):
         """Whether the bottleneck's training range is recorded (see :meth:`set_range`)."""
         return self.range_low is not None
 
+    # What :meth:`terms` hands :func:`gate_terms` besides tensors of the heads, gathered once
+    # (attribute lookups on a module cost more than the gate's small tensor ops): dropped
+    # whenever an attribute of this module is set (heads, ranges, bound) or its tensors are
+    # converted (``.to()``), so it never outlives what it was gathered from.
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__.pop("_plan", None)
+
+    def _apply(self, *args: Any, **kwargs: Any) -> MMEAGate:
+        module = super()._apply(*args, **kwargs)
+        self.__dict__.pop("_plan", None)
+        return module
+
+    def _terms_plan(self) -> tuple:
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            bound = self.logit_bound if self.logit_bound is not None else 0.0
+            plan = (self.gate, self.shift, self.range_tensors(), self.logit_range_tensors(),
+                    bound, self.phi == "exp")  # fmt: skip
+            self.__dict__["_plan"] = plan
+        return plan
+
     def set_range(
         self,
         low: torch.Tensor | None,
@@ -400,7 +449,7 @@ class MMEAGate(torch.nn.Module):
         saturate to it as well. ``None`` forgets the ranges."""
         if low is None or high is None:
             self.range_low = self.range_high = self.range_width = None
-            self._inv_span = self._inv_width = None
+            self._inv_span = self._inv_width = self._fade_coef = None
             self.logit_low = self.logit_high = self.logit_width = None
             return
         if not margin > 0:
@@ -421,6 +470,7 @@ class MMEAGate(torch.nn.Module):
         self.range_width = (margin * (high - low)).clamp_min(RANGE_MIN_WIDTH)
         self._inv_span = 1.0 / (high - low).clamp_min(RANGE_MIN_WIDTH)
         self._inv_width = 1.0 / self.range_width
+        self._fade_coef = fade_coefficients(self._inv_span, self.fade_scale)
 
     def _checked_range(
         self, low: Any, high: Any, size: int, what: str
@@ -447,11 +497,34 @@ class MMEAGate(torch.nn.Module):
     def extrapolation(self, z: torch.Tensor) -> torch.Tensor:
         """Per-node distance of the pre-activation outside its range, ``[n]``: the norm over
         the ``rank`` channels of each channel's excess in units of its range's span (0
-        inside). :func:`fade` turns it into the weight of the adapter's update."""
+        inside). The fade (:func:`fade_coefficients`) turns it into the weight of the
+        adapter's update."""
         if self.range_low is None:
             return z.new_zeros(z.shape[0])
-        ranges = (self.range_low, self.range_high, self.range_width, self._inv_span)
-        return range_rule(z, *ranges, self._inv_width)[1].sqrt()
+        return self.excess_squared(range_rule(z, *self.range_tensors())[1]).sqrt()
+
+    def excess_squared(self, log_weight: torch.Tensor) -> torch.Tensor:
+        """The nodes' squared distances outside the range (in spans, ``[n]``, detached) from
+        the logarithm of their fade weight (:func:`range_rule`)."""
+        return log_weight.detach().squeeze(1) * -(self.fade_scale * self.fade_scale)
+
+    def terms(
+        self, z: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """:func:`gate_terms` of this gate on the pre-activation ``z``: ``(scale, shift,
+        weight, log_weight)``, the additive term being ``shift * weight``."""
+        gate, shift_head, ranges, logit_ranges, bound, phi_exp = self._terms_plan()
+        return gate_terms(
+            z,
+            None if gate is None else gate.weight,
+            None if gate is None else gate.bias,
+            None if shift_head is None else shift_head.weight,
+            None if shift_head is None else shift_head.bias,
+            ranges,
+            logit_ranges,
+            bound,
+            phi_exp,
+        )
 
     def heads(
         self, z: torch.Tensor, excess_sink: list[torch.Tensor] | None = None
@@ -459,34 +532,25 @@ class MMEAGate(torch.nn.Module):
         """Multipliers and additive terms from the pre-activation ``z``.
 
         With a recorded range, the update fades out with the node's distance outside it
-        (logits and shifts times :func:`fade`), ``z`` saturates (:func:`saturate`) and so do
-        the logits, to their own training range when it is recorded: inside the ranges the
-        adapter is exactly what was trained; far outside, the bare base. The nodes' squared
-        distances (detached) are appended to ``excess_sink`` when given.
+        (logits and shifts times the fade, :func:`fade_coefficients`), ``z`` saturates
+        (:func:`saturate`) and so do the logits, to their own training range when it is
+        recorded: inside the ranges the adapter is exactly what was trained; far outside, the
+        bare base. The nodes' squared distances (detached) are appended to ``excess_sink``
+        when given.
         """
-        gate, shift_head = self.gate, self.shift
-        scale, shift, excess_squared = gate_terms(
-            z,
-            None if gate is None else gate.weight,
-            None if gate is None else gate.bias,
-            None if shift_head is None else shift_head.weight,
-            None if shift_head is None else shift_head.bias,
-            self.range_tensors(),
-            self.logit_range_tensors(),
-            self.logit_bound if self.logit_bound is not None else 0.0,
-            self.phi == "exp",
-            self.fade_scale,
-        )
-        if excess_sink is not None and excess_squared.numel():
-            excess_sink.append(excess_squared.detach())
+        scale, shift, weight, log_weight = self.terms(z)
+        if excess_sink is not None and log_weight is not None:
+            excess_sink.append(self.excess_squared(log_weight))
+        if shift is not None and weight is not None:
+            shift = shift * weight
         return scale, shift
 
     def range_tensors(self) -> list[torch.Tensor]:
         """The bottleneck's range as :func:`gate_terms` takes it (``[]``: uncalibrated)."""
         if self.range_low is None:
             return []
-        return [self.range_low, self.range_high, self.range_width, self._inv_span,
-                self._inv_width]  # fmt: skip
+        return [self.range_low, self.range_high, self.range_width, self._inv_width,
+                self._fade_coef]  # fmt: skip
 
     def logit_range_tensors(self) -> list[torch.Tensor]:
         """The logits' range as :func:`gate_terms` takes it (``[]``: none recorded)."""
@@ -573,7 +637,8 @@ class MMEALayer(torch.nn.Module):
         """The ``0e`` input blocks that drive the gates, ``[n, num_scalar_in]``."""
         blocks = self.layout.scalar_in
         if len(blocks) == 1:
-            return x[:, blocks[0][0] : blocks[0][1]]
+            start, stop = blocks[0]
+            return x if start == 0 and stop == x.shape[1] else x[:, start:stop]
         return torch.cat([x[:, a:b] for a, b in blocks], dim=1)
 
     def modulate(
@@ -581,7 +646,7 @@ class MMEALayer(torch.nn.Module):
     ) -> torch.Tensor:
         """Multiply ``l > 0`` channels by ``scale`` and add ``shift`` to ``0e`` channels
         (:func:`modulate` with this linear's blocks)."""
-        return modulate(out, scale, shift, self._blocks)
+        return modulate(out, scale, shift, None, self._blocks)
 
     def single(
         self,
@@ -594,7 +659,10 @@ class MMEALayer(torch.nn.Module):
         squared distances outside its ranges go to ``excess_sink``, see
         :meth:`MMEAGate.heads`)."""
         gate = self.gates[name]
-        return self.modulate(out, *gate.heads(gate.bottleneck(self.scalars(x)), excess_sink))
+        scale, shift, weight, log_weight = gate.terms(gate.bottleneck(self.scalars(x)))
+        if excess_sink is not None and log_weight is not None:
+            excess_sink.append(gate.excess_squared(log_weight))
+        return modulate(out, scale, shift, weight, self._blocks)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
         if x.shape[0] != route.num_nodes:
@@ -604,6 +672,11 @@ class MMEALayer(torch.nn.Module):
             )
         if route.mixture is not None:
             return self._mix(x, out, route)
+        if len(route.slots) == 1 and route.slots[0][1] is None:  # every node, one adapter
+            name = route.slots[0][0]
+            if name not in self.gates:
+                return out
+            return self.single(x, out, name, route.extrapolation)
         slots = [(name, idx) for name, idx in route.slots if name in self.gates]
         if not slots:
             return out
@@ -712,6 +785,11 @@ class FrozenMMEALinear(torch.nn.Module):
         self.blocks: list[tuple[int, int, int, int, int, int]] = list(lay.blocks)
         device = gate.down.weight.device
         scalar_index = [i for a, b in lay.scalar_in for i in range(a, b)]
+        # one block of scalars (the usual case): a view, not an index_select (whose backward
+        # is a scatter); -1: several blocks
+        one = len(lay.scalar_in) == 1
+        self.scalar_start: int = lay.scalar_in[0][0] if one else -1
+        self.scalar_stop: int = lay.scalar_in[0][1] if one else -1
         self.register_buffer(
             "scalar_index", torch.tensor(scalar_index, dtype=torch.long, device=device)
         )
@@ -727,7 +805,7 @@ class FrozenMMEALinear(torch.nn.Module):
         self.has_range: bool = gate.calibrated
         self.has_logit_range: bool = gate.logit_low is not None
         self.fade_scale: float = float(gate.fade_scale)
-        keys = ("range_low", "range_high", "range_width", "_inv_span", "_inv_width")
+        keys = ("range_low", "range_high", "range_width", "_inv_span", "_inv_width", "_fade_coef")
         keys += ("logit_low", "logit_high", "logit_width")
         for key in keys:  # empty when not calibrated
             value = getattr(gate, key)
@@ -743,25 +821,35 @@ class FrozenMMEALinear(torch.nn.Module):
         return module
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling and ``copy.deepcopy``: tie ``weight`` to the linear's weight again."""
+        """Unpickling and ``copy.deepcopy``: tie ``weight`` to the linear's weight again (and
+        give modules pickled before ``range_fade_coef`` and ``scalar_start`` existed both)."""
         super().__setstate__(state)
         self.weight = self.linear.weight.detach()
+        if "range_fade_coef" not in self._buffers:
+            inv_span = self.range_inv_span
+            coef = fade_coefficients(inv_span, self.fade_scale) if self.has_range else inv_span
+            self.register_buffer("range_fade_coef", coef)
+        if "scalar_start" not in self.__dict__:
+            self.scalar_start = self.scalar_stop = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The linear's output on ``x`` ``[n, irreps_in.dim]``, modulated by the baked gates
         (:func:`gate_terms` and :func:`modulate`, as the eager model computes them)."""
         out = self.linear(x)
-        z = torch.nn.functional.linear(
-            x.index_select(1, self.scalar_index), self.down_weight, self.down_bias
-        )
+        start, stop = self.scalar_start, self.scalar_stop
+        if start >= 0:
+            scalars = x if start == 0 and stop == x.shape[1] else x[:, start:stop]
+        else:
+            scalars = x.index_select(1, self.scalar_index)
+        z = torch.nn.functional.linear(scalars, self.down_weight, self.down_bias)
         ranges: list[torch.Tensor] = []
         if self.has_range:
-            ranges = [self.range_low, self.range_high, self.range_width, self.range_inv_span,
-                      self.range_inv_width]  # fmt: skip
+            ranges = [self.range_low, self.range_high, self.range_width, self.range_inv_width,
+                      self.range_fade_coef]  # fmt: skip
         logit_ranges: list[torch.Tensor] = []
         if self.has_logit_range:
             logit_ranges = [self.logit_low, self.logit_high, self.logit_width]
-        scale, shift, _ = gate_terms(
+        scale, shift, weight, _ = gate_terms(
             z,
             self.gate_weight,
             self.gate_bias,
@@ -771,6 +859,5 @@ class FrozenMMEALinear(torch.nn.Module):
             logit_ranges,
             self.logit_bound if self.bounded else 0.0,
             self.phi_exp,
-            self.fade_scale,
         )
-        return modulate(out, scale, shift, self.blocks)
+        return modulate(out, scale, shift, weight, self.blocks)

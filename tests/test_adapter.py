@@ -147,3 +147,53 @@ def test_gate_range_saturates_and_grades_only_outside():
     assert torch.allclose(shift_farther, shift_far, rtol=1e-6, atol=1e-9)
     with pytest.raises(ConfigError, match="low <= high"):
         gate.set_range(torch.ones(2), torch.zeros(2))
+
+
+def test_gate_forgets_what_it_gathered_when_its_tensors_change():
+    """:meth:`MMEAGate.terms` gathers its heads and ranges once per gate: setting a range,
+    replacing a head or converting the dtype must be seen by the next call."""
+    torch.manual_seed(3)
+    gate = MMEAGate(3, 2, num_gates=4, num_shifts=2, logit_bound=None, dtype=torch.float64)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+    x = 10 * torch.randn(20, 3, dtype=torch.float64)
+    free = gate(x)
+    z = gate.bottleneck(x)
+    gate.set_range(z.amin(0) / 4, z.amax(0) / 4)  # most nodes now lie outside: saturated
+    ranged = gate(x)
+    assert not torch.allclose(ranged[0], free[0])
+    fresh = MMEAGate(3, 2, num_gates=4, num_shifts=2, logit_bound=None, dtype=torch.float64)
+    fresh.load_state_dict(gate.state_dict())
+    fresh.set_range(z.amin(0) / 4, z.amax(0) / 4)
+    assert all(torch.equal(a, b) for a, b in zip(ranged, fresh(x), strict=True))
+    gate.set_range(None, None)
+    assert all(torch.equal(a, b) for a, b in zip(gate(x), free, strict=True))
+    gate.shift = torch.nn.Linear(2, 2, dtype=torch.float64)  # a new head is used at once
+    assert torch.equal(gate(x)[1], gate.shift(torch.nn.functional.silu(gate.bottleneck(x))))
+    gate.set_range(z.amin(0), z.amax(0))
+    gate(x)
+    half = gate.float()  # buffers are replaced by float32 copies: gathered again
+    scale, shift = half(x.float())
+    assert scale.dtype == shift.dtype == torch.float32
+
+
+def test_layer_modulates_exactly_what_the_gate_computes_in_every_path():
+    """One formula: the single-adapter path (additive term fused into ``addcmul``), a mixed
+    route and the frozen linear all give the same numbers for the same nodes."""
+    from mmea_calc.adapter import FrozenMMEALinear
+
+    linear, layer = _random_layer()
+    x = torch.randn(6, linear.irreps_in.dim, dtype=torch.float64)
+    z = layer.gates["a"].bottleneck(layer.scalars(x))
+    layer.gates["a"].set_range(z.amin(0) / 2, z.amax(0) / 2)  # some nodes outside
+    base = linear(x)
+    single = layer(x, base, Route(6, (("a", None),)))
+    every = torch.arange(6)
+    mixed = layer(x, base, Route(6, (("a", every[:3]), ("b", every[3:]))))
+    frozen = FrozenMMEALinear(linear, layer, "a")(x)
+    torch.testing.assert_close(mixed[:3], single[:3], rtol=0, atol=1e-14)
+    assert torch.equal(frozen, single)
+    scale, shift = layer.gates["a"](layer.scalars(x))
+    torch.testing.assert_close(single[:, :3], base[:, :3] + shift, rtol=0, atol=1e-14)
+    torch.testing.assert_close(single[:, 3:6], base[:, 3:6] * scale[:, :1], rtol=0, atol=1e-14)

@@ -468,3 +468,34 @@ def test_bare_base_exports_for_a_control_run(model, tmp_path, capsys):
     np.testing.assert_allclose(got["total_energy_local"][0], want, rtol=0, atol=1e-8)
     with pytest.raises(SystemExit):  # --elements is required: never a silent type mapping
         main(["export", "--base", str(base_path), "--out", str(out)])
+
+
+def test_frozen_modules_pickled_before_the_fade_coefficients_still_load(tmp_path):
+    """``export_mliap`` files are pickles: a FrozenMMEALinear saved before
+    ``range_fade_coef``/``scalar_start`` existed gets both when it is loaded."""
+    import copy
+
+    from mmea_calc.train import calibrate_adapter
+
+    model = adapted()
+    randomize_adapter(model, "a", std=0.3, seed=7)
+    calibrate_adapter(model, "a", [periodic(seed=s) for s in range(3)])
+    squeezed = periodic(seed=9)
+    squeezed.set_cell(squeezed.cell * 0.7, scale_atoms=True)  # outside: the fade matters
+    frozen = model.freeze("a")
+    want = evaluate(frozen, [squeezed], compute_stress=True)
+    old = copy.deepcopy(frozen)
+    for module in old.modules():
+        if isinstance(module, FrozenMMEALinear):  # as an older mmea_calc pickled it
+            del module._buffers["range_fade_coef"]
+            del module.__dict__["scalar_start"], module.__dict__["scalar_stop"]
+    torch.save(old, tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt", weights_only=False)
+    assert all(
+        m.range_fade_coef.shape == (m.down_bias.shape[0], 1)
+        for m in loaded.modules()
+        if isinstance(m, FrozenMMEALinear)
+    )
+    got = evaluate(loaded, [squeezed], compute_stress=True)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-12)
