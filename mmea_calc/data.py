@@ -178,12 +178,51 @@ def z_table_of(model_info: dict[str, Any]) -> Any:
 def collate(
     graphs: Sequence[Any], dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Batch graphs into the dict a MACE model takes, floats cast to the model's dtype."""
-    batch = torch_geometric.Batch.from_data_list(list(graphs)).to(device)
+    """Batch graphs into the dict a MACE model takes, floats cast to the model's dtype.
+
+    Every tensor is a copy (the graphs can be batched again: mace marks positions as requiring
+    grad in place). One graph, as every MD step of a calculator has, is laid out directly
+    (:func:`_collate_one`: what torch_geometric gives, without its per-key bookkeeping).
+    """
+    graphs = list(graphs)
+    if len(graphs) == 1:
+        one = _collate_one(graphs[0], dtype, device)
+        if one is not None:
+            return one
+    batch = torch_geometric.Batch.from_data_list(graphs).to(device)
     out = batch.to_dict()
     for key, value in out.items():
         if torch.is_tensor(value) and torch.is_floating_point(value):
             out[key] = value.to(dtype=dtype)
+    return out
+
+
+def _collate_one(
+    graph: Any, dtype: torch.dtype, device: torch.device | str
+) -> dict[str, torch.Tensor] | None:
+    """``torch_geometric.Batch.from_data_list([graph]).to(device).to_dict()`` with floats cast
+    to ``dtype``, key for key (sorted), 0-d values as ``[1]``, ``batch`` and ``ptr`` added;
+    ``None`` for a graph holding anything but tensors (the general path handles it)."""
+    num_nodes = graph.num_nodes
+    keys = graph.keys
+    if num_nodes is None or "batch" in keys or "ptr" in keys:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted([*keys, "batch", "ptr"]):
+        if key == "batch":
+            value = torch.zeros(num_nodes, dtype=torch.long)
+        elif key == "ptr":
+            value = torch.tensor([0, num_nodes])
+        else:
+            value = graph[key]
+            if not torch.is_tensor(value):
+                return None
+            if value.dim() == 0:
+                value = value.unsqueeze(0)
+        if torch.is_floating_point(value):
+            out[key] = value.to(device=device, dtype=dtype, copy=True)
+        else:
+            out[key] = value.to(device=device, copy=True)
     return out
 
 

@@ -178,3 +178,42 @@ def test_structures_of_another_head_are_refused():
     assert len(label_structures([_labelled_box(head="Default")], head="Default")) == 1
     with pytest.raises(DataError, match="structure 0 of dataset belongs to head 'pt_head'"):
         label_structures([_labelled_box(head="pt_head")], head="Default")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_one_graph_is_collated_as_torch_geometric_does(dtype):
+    """collate([graph]) (every calculator step) skips torch_geometric's bookkeeping: it must
+    give exactly what torch_geometric gives, key for key, and copies only."""
+    import torch
+
+    from mmea_calc._deps import torch_geometric
+    from mmea_calc.data import _collate_one, atoms_to_graph, collate
+
+    dtype = getattr(torch, dtype)
+    labelled = label_structures(_structures(1))[0]
+    info = {**INFO, "heads": ["pbe", "Default"]}
+    for atoms in (labelled, random_cluster(7, seed=4)):
+        for head in (None, "pbe"):
+            graph = atoms_to_graph(atoms, info, head=head)
+            assert _collate_one(graph, dtype, "cpu") is not None  # the direct path ran
+            got = collate([graph], dtype=dtype)
+            want = torch_geometric.Batch.from_data_list([graph]).to_dict()
+            want = {k: v.to(dtype=dtype) if v.is_floating_point() else v for k, v in want.items()}
+            assert list(got) == list(want)
+            for key, value in want.items():
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+            for key, value in got.items():  # nothing aliases the graph
+                if key in graph and torch.is_tensor(graph[key]) and graph[key].numel():
+                    assert value.data_ptr() != graph[key].data_ptr(), key
+    periodic = random_cluster(6, seed=5)
+    periodic.set_cell([7.0, 7.5, 8.0])
+    periodic.pbc = True
+    graph = atoms_to_graph(periodic, INFO)
+    got = collate([graph], dtype=dtype)
+    want = collate([graph, graph], dtype=dtype)  # the general path, first graph's rows
+    n, e = len(periodic), graph.edge_index.shape[1]
+    for key in ("positions", "node_attrs", "shifts", "unit_shifts", "cell", "energy", "head"):
+        rows = {"shifts": e, "unit_shifts": e, "cell": 3, "energy": 1, "head": 1}.get(key, n)
+        assert torch.equal(got[key], want[key][:rows]), key
+    assert torch.equal(got["edge_index"], want["edge_index"][:, :e])
+    assert got["ptr"].tolist() == [0, n] and got["batch"].tolist() == [0] * n
