@@ -602,6 +602,9 @@ def run(args) -> dict:
             "threads": args.threads,
             "torch": torch.__version__,
             "python": platform.python_version(),
+            # which mmea_calc ran (before/after runs point PYTHONPATH at another checkout)
+            "mmea_calc": _code_version(),
+            "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         },
         "setup": {
             "parts": list(parts),
@@ -644,6 +647,27 @@ def run(args) -> dict:
         timings[part] = round(time.perf_counter() - tic, 1)
     results["seconds"] = timings
     return results
+
+
+def _code_version() -> dict:
+    """Where the imported ``mmea_calc`` lives and its git commit (``None`` outside a checkout)."""
+    import subprocess
+
+    import mmea_calc
+
+    where = Path(mmea_calc.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, ""
+    return {"path": str(where), "commit": commit, "modified": bool(dirty)}
 
 
 def _group(row: dict) -> tuple[str, str]:

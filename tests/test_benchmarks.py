@@ -502,3 +502,26 @@ def test_torchsim_speed_times_every_engine_on_the_same_systems():
     md = bench.md_run(2, "float64", steps=2)
     assert md["n_atoms"] == 45 and set(md["seconds"]) == {"torchsim", "ase"}
     assert md["ase_over_torchsim"] > 0
+
+
+def test_gate_cost_times_every_variant_on_a_tiny_stand_in(tmp_path, monkeypatch):
+    gate_cost = _load("gate_cost")
+    speed = gate_cost._speed()
+    torch.save(build_tiny_mace(atomic_numbers=(1, 6, 7, 8)), tmp_path / "base.model")
+    monkeypatch.setattr(speed, "MODEL", tmp_path / "base.model")
+    out = tmp_path / "gate_cost.json"
+    argv = ["--molecules", "2", "--dtypes", "float64,float32", "--rounds", "2", "--out", str(out)]
+    assert gate_cost.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert shlex.split(results["command"]) == ["python", "benchmarks/gate_cost.py", *argv]
+    assert [(r["dtype"], r["atoms"]) for r in results["rows"]] == [("float64", 6), ("float32", 6)]
+    for row in results["rows"]:
+        for part in ("step", "forward_only"):
+            assert set(row[part]) == set(gate_cost.VARIANTS)
+            assert all(v["ms"] > 0 and v["ratio_to_base"] > 0 for v in row[part].values())
+        forward = row["gate_forward"]
+        assert forward["gated_linears"] > 0
+        assert forward["in_step_ms"] > 0 and forward["alone_ms"] > 0
+    with pytest.raises(SystemExit):
+        gate_cost.main(["--dtypes", "float16", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
