@@ -525,3 +525,27 @@ def test_gate_cost_times_every_variant_on_a_tiny_stand_in(tmp_path, monkeypatch)
     with pytest.raises(SystemExit):
         gate_cost.main(["--dtypes", "float16", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_same_numbers_saves_every_path_and_compares(tmp_path, monkeypatch, capsys):
+    same = _load("same_numbers")
+    speed = same._speed()
+    torch.save(build_tiny_mace(atomic_numbers=(1, 6, 7, 8)), tmp_path / "base.model")
+    folder = tmp_path / "rmd17" / "toy"
+    folder.mkdir(parents=True)
+    data = teacher_data(n=6)
+    ase.io.write(folder / "train.xyz", data[:4])
+    ase.io.write(folder / "valid.xyz", data[4:])
+    monkeypatch.setattr(speed, "MODEL", tmp_path / "base.model")
+    monkeypatch.setattr(speed, "RMD17", tmp_path / "rmd17")
+    files = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    for path in files:
+        argv = ["--save", str(path), "--molecule", "toy", "--train-frames", "4"]
+        assert same.main([*argv, "--valid-frames", "2"]) == 0
+    out = tmp_path / "same.json"
+    assert same.main(["--compare", *map(str, files), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["differences"]
+    routes = {"water", "organic", "mixed", "per-atom", "frozen"}
+    assert {k.split("/")[1] for k in rows if not k.startswith("training")} == routes
+    assert {"training/loss", "float64/frozen/forces", "float32/per-atom/stress"} <= set(rows)
+    assert all(row["max_rel"] < 1e-12 for row in rows.values())  # one version, same numbers
