@@ -680,8 +680,6 @@ class MMEALayer(torch.nn.Module):
         slots = [(name, idx) for name, idx in route.slots if name in self.gates]
         if not slots:
             return out
-        if len(slots) == 1 and slots[0][1] is None:  # every node, one adapter
-            return self.single(x, out, slots[0][0], route.extrapolation)
         lay = self.layout
         scalars = self.scalars(x)
         scale = torch.ones(x.shape[0], lay.num_gates, dtype=out.dtype, device=out.device)
