@@ -387,8 +387,7 @@ class MMEAGate(torch.nn.Module):
         self.shift = linear(rank, num_shifts, **kw) if num_shifts else None
         # the bottleneck's training range (set_range): buffers, so they follow .to(); stored in
         # the adapter's config, not among its tensors
-        keys = ("range_low", "range_high", "range_width", "_inv_span", "_inv_width", "_fade_coef")
-        for key in keys:
+        for key in ("range_low", "range_high", "range_width", "_inv_width", "_fade_coef"):
             self.register_buffer(key, None, persistent=False)
         # the gate logits' training range (set_range(logits=...)): [low, high, saturation width]
         for key in ("logit_low", "logit_high", "logit_width"):
@@ -444,12 +443,12 @@ class MMEAGate(torch.nn.Module):
         """Record the range ``[low, high]`` (``[rank]`` each) the bottleneck's pre-activation
         spanned on the training data; outside it the pre-activation saturates smoothly
         (:func:`saturate`, width ``margin`` times the range) and the update fades
-        (:func:`fade`, ``fade_scale``). ``logits``: the ``(low, high)`` range of the gate
-        logits (after ``logit_bound``) on the same data (``[n_gates]`` each); the logits then
-        saturate to it as well. ``None`` forgets the ranges."""
+        (:func:`fade_coefficients`, ``fade_scale``). ``logits``: the ``(low, high)`` range of
+        the gate logits (after ``logit_bound``) on the same data (``[n_gates]`` each); the
+        logits then saturate to it as well. ``None`` forgets the ranges."""
         if low is None or high is None:
             self.range_low = self.range_high = self.range_width = None
-            self._inv_span = self._inv_width = self._fade_coef = None
+            self._inv_width = self._fade_coef = None
             self.logit_low = self.logit_high = self.logit_width = None
             return
         if not margin > 0:
@@ -468,9 +467,9 @@ class MMEAGate(torch.nn.Module):
         self.fade_scale = float(fade_scale)
         self.range_low, self.range_high = low, high
         self.range_width = (margin * (high - low)).clamp_min(RANGE_MIN_WIDTH)
-        self._inv_span = 1.0 / (high - low).clamp_min(RANGE_MIN_WIDTH)
         self._inv_width = 1.0 / self.range_width
-        self._fade_coef = fade_coefficients(self._inv_span, self.fade_scale)
+        inv_span = 1.0 / (high - low).clamp_min(RANGE_MIN_WIDTH)
+        self._fade_coef = fade_coefficients(inv_span, self.fade_scale)
 
     def _checked_range(
         self, low: Any, high: Any, size: int, what: str
@@ -803,7 +802,7 @@ class FrozenMMEALinear(torch.nn.Module):
         self.has_range: bool = gate.calibrated
         self.has_logit_range: bool = gate.logit_low is not None
         self.fade_scale: float = float(gate.fade_scale)
-        keys = ("range_low", "range_high", "range_width", "_inv_span", "_inv_width", "_fade_coef")
+        keys = ("range_low", "range_high", "range_width", "_inv_width", "_fade_coef")
         keys += ("logit_low", "logit_high", "logit_width")
         for key in keys:  # empty when not calibrated
             value = getattr(gate, key)
@@ -820,7 +819,8 @@ class FrozenMMEALinear(torch.nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling and ``copy.deepcopy``: tie ``weight`` to the linear's weight again (and
-        give modules pickled before ``range_fade_coef`` and ``scalar_start`` existed both)."""
+        give modules pickled before ``range_fade_coef`` and ``scalar_start`` existed both: they
+        hold ``range_inv_span``, 1/span, instead)."""
         super().__setstate__(state)
         self.weight = self.linear.weight.detach()
         if "range_fade_coef" not in self._buffers:

@@ -475,6 +475,7 @@ def test_frozen_modules_pickled_before_the_fade_coefficients_still_load(tmp_path
     ``range_fade_coef``/``scalar_start`` existed gets both when it is loaded."""
     import copy
 
+    from mmea_calc.adapter import RANGE_MIN_WIDTH
     from mmea_calc.train import calibrate_adapter
 
     model = adapted()
@@ -487,6 +488,8 @@ def test_frozen_modules_pickled_before_the_fade_coefficients_still_load(tmp_path
     old = copy.deepcopy(frozen)
     for module in old.modules():
         if isinstance(module, FrozenMMEALinear):  # as an older mmea_calc pickled it
+            span = (module.range_high - module.range_low).clamp_min(RANGE_MIN_WIDTH)
+            module.register_buffer("range_inv_span", 1.0 / span)
             del module._buffers["range_fade_coef"]
             del module.__dict__["scalar_start"], module.__dict__["scalar_stop"]
     torch.save(old, tmp_path / "old.pt")
